@@ -1,0 +1,1 @@
+"""ml_collections configs: one file per stage, presets chosen by `:arg` (big_vision style)."""

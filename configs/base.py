@@ -1,0 +1,93 @@
+"""Keys every stage shares, each with its default and what it means.
+
+Stage configs (`configs/pretrain.py`, ...) start from `base_config()` and change values; they do not
+invent shared keys of their own. Any key can be overridden from the command line, e.g.
+`--config.optimizer.learning_rate=3e-4`; an unknown key or a value of the wrong type is an error
+that names the key (ml_collections' `config_flags`, and `lock()` for configs built in code).
+"""
+import ml_collections
+
+# Logical axis name -> mesh axes. Parameters and activations carry logical names (models/llama.py);
+# this table alone decides how they are laid out (MaxText's idea, kept small). Weights are sharded
+# over `fsdp` on their model dimension and over `tensor` on heads / ffn / vocab; activations are
+# sharded over the batch on `data` x `fsdp` and over heads / ffn / vocab on `tensor`.
+DEFAULT_SHARDING_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('q_heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('norm', None),
+    ('act_batch', ('data', 'fsdp')),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, data order and sampling.
+  c.init_from = ''  # Another workdir to start from (its final params and tokenizer); '' = scratch.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = 'tiny'  # Architecture preset from models/presets.py.
+  # Architecture overrides; None keeps the preset's value. vocab_size=None takes the tokenizer's.
+  c.model.vocab_size = None
+  c.model.d_model = None
+  c.model.n_layers = None
+  c.model.n_heads = None
+  c.model.n_kv_heads = None
+  c.model.d_ff = None
+  c.model.rope_theta = None
+  c.model.max_seq_len = None
+  c.model.tie_embeddings = None
+  c.model.dtype = 'bfloat16'  # Compute dtype of matmuls and attention ('float32' for exact tests).
+  c.model.param_dtype = 'float32'  # Master weights and optimizer state.
+  c.model.remat = 'none'  # Rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs).
+  c.model.attention = 'auto'  # 'auto' (cuDNN on GPU, XLA elsewhere), 'xla' or 'cudnn'.
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocab_size = 8000  # BPE vocabulary trained on the corpus when no tokenizer is given.
+  c.tokenizer.path = ''  # An existing sentencepiece .model to use instead of training one.
+  c.tokenizer.train_chars = 20_000_000  # At most this many characters are used to train it.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'shakespeare'  # Built-in name (shakespeare, kjv, python_stdlib) or .txt/.jsonl path.
+  c.data.text_key = 'text'  # Field holding the text in JSONL files.
+  c.data.max_chars = 0  # Read at most this many characters of the source (0 = all).
+  c.data.seq_len = 256  # Tokens per packed training row.
+  c.data.eval_fraction = 0.02  # Fraction of documents held out for the eval loss.
+  c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # Optimizer steps.
+  c.train.batch_size = 8  # Global batch (rows of data.seq_len tokens) per optimizer step.
+  c.train.grad_accum = 1  # Micro-batches per step; batch_size must divide by it.
+  c.train.log_every = 10  # Steps between metrics.jsonl / TensorBoard records.
+  c.train.checkpoint_every = 200  # Steps between checkpoints (the final step is always saved).
+  c.train.eval_every = 200  # Steps between held-out evals (0 = only at the end).
+  c.train.eval_batches = 8  # Batches in each held-out eval.
+  c.train.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+  c.train.stop_after = 0  # Stop (with a checkpoint) after this step without finishing; 0 = never.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-4  # Peak learning rate of AdamW.
+  c.optimizer.warmup_steps = 100  # Linear warmup from 0 to the peak.
+  c.optimizer.min_lr_ratio = 0.1  # Cosine decay ends at peak * this at train.steps.
+  c.optimizer.weight_decay = 0.1  # Decoupled weight decay, on matrices only (not norms).
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip = 1.0  # Global-norm clipping (0 = off).
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices per mesh axis; one may be -1 (all remaining devices).
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_rules = DEFAULT_SHARDING_RULES  # See the table above.
+  return c

@@ -1,0 +1,76 @@
+"""Held-out loss and perplexity of a workdir's newest checkpoint.
+
+  python -m eval.perplexity --workdir=runs/small [--max_batches=0]
+
+Rebuilds the run's held-out split from its config.json (same source, seed and eval_fraction, so
+the documents are the ones the trainer never saw), tokenizes it with the run's tokenizer, and
+reports perplexity = exp(mean next-token cross-entropy) as JSON on stdout and in
+WORKDIR/eval_perplexity.json.
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from data import pipeline, sources
+from data.tokenizer import Tokenizer
+from models import checkpoint
+from models.losses import token_cross_entropy
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: {workdir!r} is not a run directory')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int = 0) -> dict:
+  config = load_run_config(workdir)
+  tokenizer = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
+                               max_chars=config.data.max_chars)
+  _, eval_docs = pipeline.split_documents(corpus.docs, eval_fraction=config.data.eval_fraction,
+                                          seed=config.seed)
+  if not eval_docs:
+    raise ValueError(f'{workdir}: the run held out no documents (data.eval_fraction=0)')
+  stream = pipeline.tokenize_documents(tokenizer, eval_docs)
+  batch_size = batch_size or config.train.batch_size
+  rows = (len(stream.tokens) - 1) // config.data.seq_len
+  batches = pipeline.make_eval_batches(stream, seq_len=config.data.seq_len, batch_size=batch_size,
+                                       max_batches=max_batches or max(rows // batch_size, 1))
+  model, step = checkpoint.load_model(workdir)
+
+  @nnx.jit
+  def batch_loss(model, batch):
+    logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    return token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
+
+  totals = np.zeros(3)
+  for batch in batches:
+    totals += np.array(jax.device_get(batch_loss(model, batch)))
+  loss = float(totals[0] / totals[1])
+  result = {'workdir': workdir, 'step': int(step), 'eval_loss': loss,
+            'perplexity': float(np.exp(loss)), 'accuracy': float(totals[2] / totals[1]),
+            'tokens': int(totals[1]), 'documents': len(eval_docs)}
+  with open(os.path.join(workdir, 'eval_perplexity.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Batches to evaluate (0 = all held out).')
+
+
+def main(argv):
+  del argv
+  print(json.dumps(evaluate_perplexity(_WORKDIR.value, max_batches=_MAX_BATCHES.value)))
+
+
+if __name__ == '__main__':
+  app.run(main)

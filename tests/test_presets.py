@@ -1,0 +1,45 @@
+"""Large presets are checked with jax.eval_shape: no memory is allocated."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.base import DEFAULT_SHARDING_RULES
+from models import llama, presets, sharding
+
+# Published parameter counts (Meta's model cards / the Hugging Face checkpoints).
+PUBLISHED = {'llama3_8b': 8.03e9, 'llama3_70b': 70.55e9, '1b': 1.236e9, 'smollm2_135m': 134.5e6,
+             '374m': 374e6}
+
+
+def _abstract_state(name):
+  cfg = presets.PRESETS[name]
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: llama.Llama(cfg, rules=DEFAULT_SHARDING_RULES,
+                                               rngs=nnx.Rngs(0)))
+  return cfg, nnx.state(model)
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_parameter_count_matches_published(name):
+  cfg, state = _abstract_state(name)
+  n = sum(x.size for x in jax.tree.leaves(state))
+  assert n == cfg.num_params()
+  assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 0.01, n
+
+
+def test_bytes_per_device_on_a_mesh():
+  """llama3_70b in fp32 on a (data=1, fsdp=4, tensor=2) mesh: every matrix is split 8 ways."""
+  cfg, state = _abstract_state('llama3_70b')
+  mesh = sharding.make_mesh(1, 4, 2)
+  shardings = sharding.named_shardings(nnx.get_partition_spec(state), mesh,
+                                       DEFAULT_SHARDING_RULES)
+  total = per_device = 0
+  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    nbytes = x.size * x.dtype.itemsize
+    total += nbytes
+    per_device += int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+  assert total == 4 * cfg.num_params()
+  # Only the norm scales are replicated, so each device holds just over 1/8 of the bytes.
+  assert total / 8 <= per_device < total / 8 * 1.001
+  print(f'llama3_70b fp32: {total / 2**30:.1f} GiB total, {per_device / 2**30:.2f} GiB per device')

@@ -1,0 +1,1 @@
+"""One module per stage (pretrain, sft, reward, dpo, ppo, grpo) over the shared loop in loop.py."""

@@ -1,0 +1,232 @@
+"""The training loop every stage shares.
+
+A stage supplies a model, a loss function and its data; this loop does the rest the same way for
+all of them: AdamW with warmup and cosine decay, global-norm clipping, gradient accumulation, a
+jit-compiled step with donated state, a NaN/Inf guard, held-out eval, metrics, progress, orbax
+checkpoints (parameters, optimizer state and the data iterator), exact resumption and saving on
+SIGTERM (Cloud TPU preemption).
+
+The loss function has the signature
+
+    loss_fn(model, batch, rng) -> (loss_sum, weight, metric_sums)
+
+returning sums (e.g. summed token cross-entropy, token count, summed correct predictions) so that
+micro-batches combine exactly: the step's loss is sum(loss_sum) / sum(weight), and each metric is
+sum(metric) / sum(weight).
+"""
+import dataclasses
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from models.checkpoint import Checkpointer
+from models.sharding import logical_to_mesh
+from trainers.metrics import MetricsWriter
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to peak * min_lr_ratio at train.steps."""
+  o, steps = config.optimizer, config.train.steps
+  warmup = min(o.warmup_steps, max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1), end_value=o.learning_rate * o.min_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # No decay on norms.
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                  weight_decay=o.weight_decay, mask=decay_mask))
+
+
+@dataclasses.dataclass
+class Result:
+  model: nnx.Module  # The trained model (trainable parameters merged back in).
+  step: int  # The last step done.
+  completed: bool  # False when stopped early (SIGTERM or train.stop_after).
+  metrics: dict  # The last logged metrics.
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_mesh(('act_batch',), rules))
+
+
+def to_global_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows -> one global array per field, laid out over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _accumulate(loss_and_grad, params, batch, rng, micro_batches):
+  """Sums loss, weight, metrics and gradients over micro-batches (a scan keeps memory flat)."""
+  if micro_batches == 1:
+    return loss_and_grad(params, batch, rng)
+  split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+  (sums, grads) = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], split), rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (sums, grads))
+
+  def body(carry, xs):
+    mb, i = xs
+    out = loss_and_grad(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, out), None
+
+  total, _ = jax.lax.scan(body, zeros, (split, jnp.arange(micro_batches)))
+  return total
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
+          train_iter: Iterator[dict], eval_batches: list[dict] | None, *, mesh, rules,
+          trainable: Any = nnx.Param, extra_meta: dict | None = None) -> Result:
+  """Trains `model` in place of its `trainable` variables for config.train.steps steps.
+
+  Resumes from the newest checkpoint in workdir/checkpoints if there is one (model, optimizer and
+  data iterator), so running the same command again continues the run exactly.
+  """
+  t = config.train
+  if t.batch_size % t.grad_accum:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
+                     f'train.grad_accum={t.grad_accum}')
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
+  tx = make_optimizer(config)
+  opt_state = tx.init(params)  # Eager: zeros_like keeps each parameter's sharding.
+  schedule = learning_rate_schedule(config)
+
+  ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    restored = ckpt.restore(start, params, opt_state, train_iter)
+    params, opt_state = restored['params'], restored['opt_state']
+    print(f'Resumed from {workdir}/checkpoints/{start}.')
+  if start >= t.steps:
+    ckpt.close()
+    return Result(nnx.merge(graphdef, params, frozen), start, True, {})
+
+  def loss_and_grad(p, batch, rng):
+    def f(p):
+      loss_sum, weight, metrics = loss_fn(nnx.merge(graphdef, p, frozen), batch, rng)
+      return loss_sum, (weight, metrics)
+    (loss_sum, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(p)
+    return (loss_sum, weight, metrics), grads
+
+  def train_step(params, opt_state, batch, step):
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    (loss_sum, weight, metric_sums), grads = _accumulate(
+        loss_and_grad, params, batch, rng, t.grad_accum)
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss, grad_norm = loss_sum / weight, optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # The guard: a non-finite loss or gradient leaves parameters and optimizer state untouched;
+    # the host sees `finite` and stops, so nothing bad is ever applied or saved.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    out = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+           **{k: v / weight for k, v in metric_sums.items()}}
+    return keep(new_params, params), keep(new_opt_state, opt_state), out
+
+  def eval_step(params, batch):
+    loss_sum, weight, metric_sums = loss_fn(nnx.merge(graphdef, params, frozen), batch,
+                                            jax.random.key(0))
+    return loss_sum, weight, metric_sums
+
+  with jax.set_mesh(mesh):
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    eval_step = jax.jit(eval_step)
+  sharding = batch_sharding(mesh, rules)
+
+  def evaluate(params) -> dict:
+    totals = None
+    with jax.set_mesh(mesh):
+      for batch in eval_batches:
+        out = eval_step(params, to_global_batch(batch, sharding))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    loss_sum, weight, metric_sums = jax.device_get(totals)
+    loss = float(loss_sum / weight)
+    return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
+            **{f'eval_{k}': float(v / weight) for k, v in metric_sums.items()}}
+
+  writer = MetricsWriter(workdir, start_step=start, total_steps=t.steps)
+  meta = dict(extra_meta or {})
+  last_metrics, step, stop_reason = {}, start, None
+  window_start, window_tokens = None, 0
+  try:
+    with _Preemption() as preemption:
+      while step < t.steps:
+        batch = to_global_batch(next(train_iter), sharding)
+        tokens = int(np.prod(batch['inputs'].shape))
+        with jax.set_mesh(mesh):
+          params, opt_state, out = train_step(params, opt_state, batch, jnp.int32(step))
+        step += 1
+        if window_start is None:  # The first step compiles: time from the end of it.
+          jax.block_until_ready(out['loss'])
+          window_start, window_tokens = time.perf_counter(), 0
+        else:
+          window_tokens += tokens
+        writer.advance()
+
+        is_last = step == t.steps
+        stop_reason = ('SIGTERM' if preemption.requested else
+                       'train.stop_after' if t.stop_after and step >= t.stop_after else None)
+        do_eval = eval_batches and (is_last or (t.eval_every and step % t.eval_every == 0))
+        if step % t.log_every == 0 or is_last or do_eval or stop_reason:
+          out = jax.device_get(out)
+          if not out['finite']:
+            raise FloatingPointError(
+                f'loss or gradient became NaN/Inf at or before step {step} (loss={out["loss"]}, '
+                f'grad_norm={out["grad_norm"]}); the update was not applied and the newest good '
+                f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate '
+                f'or check the data.')
+          elapsed = time.perf_counter() - window_start
+          metrics = {'loss': float(out['loss']), 'lr': float(schedule(step - 1)),
+                     'grad_norm': float(out['grad_norm']),
+                     **{k: float(v) for k, v in out.items()
+                        if k not in ('loss', 'grad_norm', 'finite')},
+                     'tokens_per_s': window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0}
+          if do_eval:
+            metrics.update(evaluate(params))
+          writer.write(step, metrics)
+          writer.advance(0, loss=metrics['loss'], tok_s=metrics['tokens_per_s'])
+          last_metrics = metrics
+          window_start, window_tokens = time.perf_counter(), 0
+        if step % t.checkpoint_every == 0 or is_last or stop_reason:
+          ckpt.save(step, params, opt_state, meta, train_iter, force=True)
+        if stop_reason:
+          print(f'Stopped at step {step} ({stop_reason}); checkpoint saved. '
+                f'Run the same command again to resume.')
+          break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return Result(nnx.merge(graphdef, params, frozen), step, step >= t.steps, last_metrics)

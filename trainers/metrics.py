@@ -1,0 +1,65 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard events under tb/, and the console.
+
+On resume the records past the restored step are dropped first, so metrics.jsonl always reads as
+one uninterrupted run.
+"""
+import json
+import math
+import os
+import time
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+import tqdm
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: str, *, start_step: int, total_steps: int):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._truncate_after(start_step)
+    self._file = open(self.path, 'a')
+    self._tb = EventFileWriter(os.path.join(workdir, 'tb'))
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                          mininterval=1.0, smoothing=0.1)
+
+  def _truncate_after(self, step: int):
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(keep)
+
+  def advance(self, n: int = 1, **postfix):
+    self._bar.update(n)
+    if postfix:
+      self._bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+
+  def write(self, step: int, metrics: dict):
+    record = {'step': int(step), **{k: _py(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+              for k, v in record.items() if k != 'step' and isinstance(v, (int, float))]
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                       summary=summary_pb2.Summary(value=values)))
+    self._tb.flush()
+    text = ' '.join(f'{k} {_fmt(v)}' for k, v in record.items() if k != 'step')
+    self._bar.write(f'step {step}/{self._bar.total}: {text}')
+
+  def close(self):
+    self._bar.close()
+    self._file.close()
+    self._tb.close()
+
+
+def _py(v):
+  v = v.item() if hasattr(v, 'item') else v
+  return v
+
+
+def _fmt(v):
+  if isinstance(v, float):
+    return f'{v:.4g}' if math.isfinite(v) and abs(v) < 1e5 else f'{v:.3e}'
+  return str(v)

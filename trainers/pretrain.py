@@ -1,0 +1,90 @@
+"""Pretraining: next-token prediction on packed documents.
+
+  python -m trainers.pretrain --config=configs/pretrain.py:small --workdir=runs/small
+
+The loss is the mean cross-entropy of each token given the tokens before it in its own document,
+    L = -1/N * sum_{rows, t : mask} log p(x_{t+1} | x_{<=t}),
+with documents packed into fixed-length rows and kept apart by segment ids (no attention and no
+loss across a document boundary). Everything else (optimizer, checkpoints, resumption, metrics) is
+the shared loop's.
+"""
+import dataclasses
+
+import jax
+import ml_collections
+from flax import nnx
+from absl import app, flags
+from ml_collections import config_flags
+
+from data import pipeline, sources
+from models.losses import token_cross_entropy
+from trainers import common, loop
+
+
+def next_token_loss(model, batch, rng):
+  del rng  # No dropout in pretraining.
+  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  loss_sum, count, correct = token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
+  return loss_sum, count, {'accuracy': correct}
+
+
+@dataclasses.dataclass
+class PretrainData:
+  tokenizer: object
+  train: pipeline.TokenStream
+  eval: pipeline.TokenStream
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PretrainData:
+  corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
+                               max_chars=config.data.max_chars)
+  print(f'Corpus {corpus.name!r}: {len(corpus.docs)} documents, '
+        f'{sum(map(len, corpus.docs)):,} characters'
+        + (f', {corpus.n_replaced} undecodable byte sequences replaced' if corpus.n_replaced else ''))
+  train_docs, eval_docs = pipeline.split_documents(
+      corpus.docs, eval_fraction=config.data.eval_fraction, seed=config.seed)
+  tokenizer = common.tokenizer_for(config, workdir, train_docs)
+  return PretrainData(tokenizer, pipeline.tokenize_documents(tokenizer, train_docs),
+                      pipeline.tokenize_documents(tokenizer, eval_docs))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
+  data = prepare_data(config, workdir)
+  model_cfg = common.model_config(config, data.tokenizer.vocab_size)
+  mesh = common.mesh_from_config(config)
+  n_proc = jax.process_count()
+  if config.train.batch_size % n_proc:
+    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
+                     f'{n_proc} processes')
+  train_iter = pipeline.make_train_iterator(
+      data.train, seq_len=config.data.seq_len, batch_size=config.train.batch_size // n_proc,
+      seed=config.seed, process_index=jax.process_index(), process_count=n_proc,
+      worker_count=config.data.worker_count)
+  eval_batches = None
+  if len(data.eval.tokens) and config.train.eval_batches:
+    eval_batches = pipeline.make_eval_batches(
+        data.eval, seq_len=config.data.seq_len, batch_size=config.train.batch_size // n_proc,
+        max_batches=config.train.eval_batches)
+  common.write_workdir(config, workdir, data.tokenizer, model_cfg)
+  model = common.initial_model(config, workdir, model_cfg, mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+  print(f'Model {config.model.preset!r}: {n_params:,} parameters; mesh {dict(mesh.shape)}.')
+  return loop.train(config, workdir, model, next_token_loss, train_iter, eval_batches,
+                    mesh=mesh, rules=config.sharding_rules)
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:tiny',
+                                          'Stage config file and preset.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumed if it exists).',
+                               required=True)
+
+
+def main(argv):
+  del argv
+  result = run(_CONFIG.value, _WORKDIR.value)
+  if not result.completed:
+    raise SystemExit(143)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -43,7 +43,7 @@ class Checkpointer:
              'meta': ocp.args.JsonSave(dict(meta or {}, step=step))}
     if opt_state is not None:
       items['opt_state'] = ocp.args.StandardSave(opt_state)
-    if data_iter is not None:
+    if hasattr(data_iter, 'get_state'):  # grain iterators; a plain iterator is not saved.
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -53,7 +53,7 @@ class Checkpointer:
     items = {'params': ocp.args.StandardRestore(_abstract(params)), 'meta': ocp.args.JsonRestore()}
     if opt_state is not None:
       items['opt_state'] = ocp.args.StandardRestore(_abstract(opt_state))
-    if data_iter is not None:
+    if hasattr(data_iter, 'get_state'):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))
 

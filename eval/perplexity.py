@@ -63,14 +63,12 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
   return result
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
-_MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Batches to evaluate (0 = all held out).')
-
-
-def main(argv):
-  del argv
-  print(json.dumps(evaluate_perplexity(_WORKDIR.value, max_batches=_MAX_BATCHES.value)))
+def main():
+  workdir = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
+  max_batches = flags.DEFINE_integer('max_batches', 0, 'Batches to evaluate (0 = all held out).')
+  app.run(lambda argv: print(json.dumps(evaluate_perplexity(workdir.value,
+                                                            max_batches=max_batches.value))))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

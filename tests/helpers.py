@@ -11,13 +11,13 @@ def tiny_config(**overrides):
   c.model.dtype = 'float32'
   c.mesh.data = 1
   c.data.max_chars = 200_000
+  c.lock()  # Like the command line: a key that does not exist is an error.
   for key, value in overrides.items():
     node = c
     *path, last = key.split('.')
     for p in path:
       node = node[p]
-    node[last] = value
-  c.lock()
+    setattr(node, last, value)
   return c
 
 

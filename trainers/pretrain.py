@@ -13,12 +13,10 @@ import dataclasses
 import jax
 import ml_collections
 from flax import nnx
-from absl import app, flags
-from ml_collections import config_flags
 
 from data import pipeline, sources
 from models.losses import token_cross_entropy
-from trainers import common, loop
+from trainers import cli, common, loop
 
 
 def next_token_loss(model, batch, rng):
@@ -73,18 +71,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
                     mesh=mesh, rules=config.sharding_rules)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:tiny',
-                                          'Stage config file and preset.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumed if it exists).',
-                               required=True)
-
-
-def main(argv):
-  del argv
-  result = run(_CONFIG.value, _WORKDIR.value)
-  if not result.completed:
-    raise SystemExit(143)
-
-
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_stage(run, 'configs/pretrain.py:tiny')

@@ -1,4 +1,4 @@
-"""Tests for data/: corpus loading, the tokenizer, the held-out split, packing and grain iterators."""
+"""Tests for data/: corpora, the tokenizer, the held-out split, packing and grain iterators."""
 import json
 import logging
 

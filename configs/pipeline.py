@@ -1,0 +1,27 @@
+"""The end-to-end pipeline: each stage's config nested under its name.
+
+  python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/demo   (= make demo)
+
+demo: trains an 8k BPE tokenizer on Shakespeare, pretrains the `small` preset (about 7M parameters,
+300 steps of 8 x 256 tokens), evaluates held-out perplexity and samples a few continuations. Takes
+about 5 minutes on 2 CPU cores and ends with a table: held-out perplexity falls from the uniform
+8,000 to a few hundred. Rerunning the same command resumes; finished stages are skipped.
+Override any stage key with e.g. --config.pretrain.train.steps=100.
+"""
+import ml_collections
+
+from configs import pretrain
+
+
+def get_config(arg: str = 'demo'):
+  presets = {'demo': 'small', 'tiny': 'tiny'}
+  if arg not in presets:
+    raise ValueError(f'configs/pipeline.py: unknown preset {arg!r}; choose from {sorted(presets)}')
+  c = ml_collections.ConfigDict()
+  c.pretrain = pretrain.get_config(presets[arg])
+  c.samples = ml_collections.ConfigDict()
+  c.samples.prompts = ('ROMEO:', 'To be, or not to be', 'KING HENRY:\nNow')  # Sampled at the end.
+  c.samples.max_new_tokens = 48 if arg == 'demo' else 16
+  c.samples.temperature = 0.8  # 0 = greedy.
+  c.samples.top_k = 40  # Sample among the k likeliest tokens (0 = all).
+  return c

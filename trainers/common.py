@@ -9,13 +9,10 @@ import os
 import jax
 import ml_collections
 
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.tokenizer import find_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 from models import checkpoint, presets
 from models.llama import Llama, create_model
 from models.sharding import make_mesh
-
-TOKENIZER_FILE = 'tokenizer.model'
-
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -35,33 +32,32 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> presets.
   return cfg
 
 
-def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs=None) -> Tokenizer:
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs=None):
   """The workdir's own tokenizer if it has one (a resumed run), else init_from's, else
   tokenizer.path, else a new BPE tokenizer trained on `docs`."""
-  for path in (os.path.join(workdir, TOKENIZER_FILE),
-               config.init_from and os.path.join(config.init_from, TOKENIZER_FILE),
-               config.tokenizer.path):
-    if path and os.path.exists(path):
-      return Tokenizer.load(path)
+  for source in (workdir, config.init_from):
+    if source and os.path.isdir(source) and find_tokenizer(source):
+      return load_tokenizer(source)
   if config.init_from:
-    raise FileNotFoundError(f'init_from={config.init_from!r} has no {TOKENIZER_FILE}')
+    raise FileNotFoundError(f'init_from={config.init_from!r} holds no tokenizer')
   if config.tokenizer.path:
-    raise FileNotFoundError(f'tokenizer.path={config.tokenizer.path!r} does not exist')
+    if not os.path.exists(config.tokenizer.path):
+      raise FileNotFoundError(f'tokenizer.path={config.tokenizer.path!r} does not exist')
+    return load_tokenizer(config.tokenizer.path)
   print(f'Training a {config.tokenizer.vocab_size}-token BPE tokenizer on {len(docs)} documents.')
   return train_tokenizer(docs, vocab_size=config.tokenizer.vocab_size,
                          max_chars=config.tokenizer.train_chars, seed=config.seed)
 
 
-def write_workdir(config: ml_collections.ConfigDict, workdir: str, tokenizer: Tokenizer,
+def write_workdir(config: ml_collections.ConfigDict, workdir: str, tokenizer,
                   model_cfg: presets.LlamaConfig):
   """The resolved config, the model's architecture and the tokenizer, beside the checkpoints."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
   checkpoint.save_model_config(workdir, model_cfg)
-  tok_path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(tok_path):
-    tokenizer.save(tok_path)
+  if not find_tokenizer(workdir):
+    save_tokenizer(tokenizer, workdir)
 
 
 def initial_model(config: ml_collections.ConfigDict, workdir: str,

@@ -47,8 +47,8 @@ def run(config, workdir: str) -> dict:
   p = report['pretrain']
   rows += [('tokenizer', 'vocabulary', f'{model_cfg.vocab_size:,} BPE'),
            ('pretrain', 'parameters', f'{p["params"]:,} ({config.pretrain.model.preset})'),
-           ('pretrain', 'steps x tokens', f'{p["steps"]} x {config.pretrain.train.batch_size}'
-                                          f'x{config.pretrain.data.seq_len}'),
+           ('pretrain', 'steps x batch x seq', f'{p["steps"]} x {config.pretrain.train.batch_size}'
+                                               f' x {config.pretrain.data.seq_len}'),
            ('pretrain', 'train loss', f'{p["first_loss"]:.3f} (step {records[0]["step"]}) -> '
                                       f'{p["final_loss"]:.3f}'),
            ('pretrain', 'tokens/s (median)', f'{p["tokens_per_s"]:,.0f}'),

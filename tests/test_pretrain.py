@@ -103,3 +103,13 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, repo_root):
   assert done.returncode == 0, done.stdout + done.stderr
   assert f'Resumed from {workdir}/checkpoints/{saved}' in done.stdout
   assert read_metrics(workdir)[-1]['step'] == saved + 2
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  keys = {'train.steps': 3, 'train.log_every': 1, 'train.eval_every': 0}
+  pretrain.run(tiny_config(**keys), str(tmp_path / 'one'))
+  pretrain.run(tiny_config(**keys, **{'train.grad_accum': 2}), str(tmp_path / 'two'))
+  one, two = read_metrics(tmp_path / 'one'), read_metrics(tmp_path / 'two')
+  for a, b in zip(one, two):
+    assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
+    assert b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-4)

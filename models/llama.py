@@ -163,7 +163,11 @@ class Llama(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     act = ('act_batch', 'act_length', 'act_embed')
-    x = constrain(self.embed(tokens), act, self.rules)
+    # FSDP gathers a weight just before use: gathering the table's `embed` dimension first lets
+    # the lookup keep the batch sharded (a lookup into an fsdp-sharded table forces XLA into a
+    # full rematerialisation).
+    table = constrain(self.embed.embedding[...], ('vocab', None), self.rules)
+    x = constrain(jnp.take(table, tokens, axis=0).astype(self.cfg.dtype), act, self.rules)
     block_fn = _REMAT[self.cfg.remat] if cache is None else _block_forward
     new_cache = []
     for i, layer in enumerate(self.layers):

@@ -177,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
             **{f'eval_{k}': float(v / weight) for k, v in metric_sums.items()}}
 
   writer = MetricsWriter(workdir, start_step=start, total_steps=t.steps)
-  meta = dict(extra_meta or {})
+  meta = {'seed': config.seed, **(extra_meta or {})}  # The step RNG is fold_in(key(seed), step).
   last_metrics, step, stop_reason = {}, start, None
   window_start, window_tokens = None, 0
   try:

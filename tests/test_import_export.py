@@ -252,3 +252,19 @@ def test_export_of_a_workdir_trained_here(tmp_path):
   for text in ['Hello world', '  indented code()', 'x\n  y', '12345 é']:
     assert hf_tok(text, add_special_tokens=False)['input_ids'] == tok.encode(text)
     assert imported.encode(text, bos=True) == tok.encode(text, bos=True)
+
+
+def test_stages_started_from_an_import_keep_its_architecture(tmp_path):
+  """init_from an imported Qwen2: the stage's model keeps the q/k/v biases and norm eps of the
+  checkpoint (not the preset's), and a conflicting architecture key is an error naming it."""
+  from tests.helpers import tiny_config
+  from trainers import common
+  _hf_model(tmp_path / 'hf', 'qwen2')
+  import_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'run'))
+  config = tiny_config(**{'init_from': str(tmp_path / 'run'), 'data.seq_len': 32})
+  cfg = common.model_config(config, VOCAB)
+  assert cfg == dataclasses.replace(load_model(str(tmp_path / 'run'))[0].cfg, dtype='float32')
+  assert cfg.qkv_bias and cfg.norm_eps == 1e-6
+  with pytest.raises(ValueError, match='model.d_model=64'):
+    common.model_config(tiny_config(**{'init_from': str(tmp_path / 'run'),
+                                       'model.d_model': 64}), VOCAB)

@@ -3,6 +3,7 @@
 Checks that can fail run before anything is written, so a bad command never touches what an
 earlier run saved in the same workdir.
 """
+import dataclasses
 import json
 import os
 
@@ -14,21 +15,39 @@ from models import checkpoint, presets
 from models.llama import Llama, create_model
 from models.sharding import make_mesh
 
+
 def mesh_from_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
+# How the model runs, as opposed to what it is: taken from the stage's config even when the
+# architecture comes from init_from.
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention')
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> presets.LlamaConfig:
+  """The model a stage trains: model.preset plus overrides, or with init_from, that run's own
+  architecture (model.json), so an imported Qwen2 keeps its biases and norm eps."""
   m = config.model
-  overrides = {k: m[k] for k in m.keys() if k != 'preset'}
-  overrides['vocab_size'] = m.vocab_size or vocab_size
-  cfg = presets.resolve(m.preset, **overrides)
+  if config.init_from:
+    cfg = checkpoint.load_model_config(config.init_from)
+    for key in m.keys():
+      if key not in ('preset', *RUNTIME_FIELDS, 'max_seq_len') and m[key] is not None \
+          and m[key] != getattr(cfg, key):
+        raise ValueError(f'model.{key}={m[key]!r}, but init_from={config.init_from!r} has '
+                         f'{key}={getattr(cfg, key)!r}')
+    cfg = dataclasses.replace(cfg, **{k: m[k] for k in RUNTIME_FIELDS},
+                              max_seq_len=m.max_seq_len or cfg.max_seq_len)
+  else:
+    overrides = {k: m[k] for k in m.keys() if k != 'preset'}
+    overrides['vocab_size'] = m.vocab_size or vocab_size
+    cfg = presets.resolve(m.preset, **overrides)
   if cfg.vocab_size < vocab_size:
     raise ValueError(f'model.vocab_size={cfg.vocab_size} is smaller than the tokenizer '
                      f'vocabulary ({vocab_size})')
   if config.data.seq_len > cfg.max_seq_len:
     raise ValueError(f'data.seq_len={config.data.seq_len} exceeds the model limit '
-                     f'model.max_seq_len={cfg.max_seq_len} (preset {m.preset!r})')
+                     f'model.max_seq_len={cfg.max_seq_len}')
   return cfg
 
 
@@ -67,14 +86,8 @@ def initial_model(config: ml_collections.ConfigDict, workdir: str,
   rules = config.sharding_rules
   if not config.init_from or os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return create_model(model_cfg, seed=config.seed, mesh=mesh, rules=rules)
-  src = checkpoint.load_model_config(config.init_from)
-  for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff',
-                'tie_embeddings'):
-    if getattr(src, field) != getattr(model_cfg, field):
-      raise ValueError(f'init_from={config.init_from!r} has {field}={getattr(src, field)}, but '
-                       f'this config asks for {getattr(model_cfg, field)}')
-  model, step = checkpoint.load_model(config.init_from, mesh=mesh, rules=rules,
-                                      dtype=model_cfg.dtype, remat=model_cfg.remat,
-                                      attention=model_cfg.attention)
+  model, step = checkpoint.load_model(
+      config.init_from, mesh=mesh, rules=rules, max_seq_len=model_cfg.max_seq_len,
+      **{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})
   print(f'Initialised from {config.init_from} (step {step}).')
   return model

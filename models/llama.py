@@ -197,6 +197,9 @@ def create_model(cfg: LlamaConfig, *, seed: int, mesh=None, rules: Rules | None 
   host ever holds the whole model. Without a mesh the model lives on the default device.
   """
   make = functools.partial(Llama, cfg, rules=rules if mesh is not None else None)
+  # Same random numbers, but a GPU kernel instead of inlined threefry: without it XLA took ~3 min
+  # to compile the 374m initialiser on an H100 (bench/RESULTS.md).
+  jax.config.update('jax_threefry_gpu_kernel_lowering', True)
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)

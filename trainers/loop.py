@@ -119,6 +119,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
   graphdef, params, frozen = nnx.split(model, trainable, ...)
   tx = make_optimizer(config)
   opt_state = tx.init(params)  # Eager: zeros_like keeps each parameter's sharding.
+  # Scalars such as Adam's step count come out on one device; replicate them over the mesh up
+  # front, or the first step returns them resharded and the second step compiles again.
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_state = jax.tree.map(
+      lambda x: x if isinstance(getattr(x, 'sharding', None), NamedSharding)
+      else jax.device_put(x, replicated), opt_state)
   schedule = learning_rate_schedule(config)
 
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)

@@ -13,9 +13,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from configs import entry
 from data import pipeline, sources
 from data.tokenizer import load_tokenizer
 from models import checkpoint
@@ -66,7 +67,7 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
 def main():
   workdir = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
   max_batches = flags.DEFINE_integer('max_batches', 0, 'Batches to evaluate (0 = all held out).')
-  app.run(lambda argv: print(json.dumps(evaluate_perplexity(workdir.value,
+  entry.run_main(lambda argv: print(json.dumps(evaluate_perplexity(workdir.value,
                                                             max_batches=max_batches.value))))
 
 

@@ -12,9 +12,10 @@ tokenizer.model for a model we trained from scratch. launch/hf_weights.py holds 
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from safetensors.numpy import save_file
 
+from configs import entry
 from data.hf_tokenizer import HFTokenizer
 from data.tokenizer import Tokenizer, load_tokenizer
 from launch import hf_weights
@@ -92,7 +93,7 @@ def main():
     del argv  # --format has one value so far: 'hf'.
     print(f'Wrote {export_hf(workdir.value, out.value, step=step.value)}')
 
-  app.run(_main)
+  entry.run_main(_main)
 
 
 if __name__ == '__main__':

@@ -15,9 +15,10 @@ import importlib.metadata
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from configs import entry
 from configs.base import DEFAULT_SHARDING_RULES, base_config
 from data.hf_tokenizer import HFTokenizer
 from data.tokenizer import save_tokenizer
@@ -111,7 +112,7 @@ def main():
     model = import_checkpoint(source.value, workdir.value, mesh=mesh, rules=DEFAULT_SHARDING_RULES)
     print(f'Imported {source.value} ({model.cfg.num_params():,} parameters) into {workdir.value}')
 
-  app.run(_main)
+  entry.run_main(_main)
 
 
 if __name__ == '__main__':

@@ -11,9 +11,10 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from configs import entry
 from data.tokenizer import load_tokenizer
 from eval.perplexity import evaluate_perplexity
 from models import checkpoint
@@ -89,7 +90,7 @@ def main():
     del argv
     run(config.value, workdir.value)
 
-  app.run(_main)
+  entry.run_main(_main)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import entry
+
 
 def run_stage(run_fn, default_config: str):
   config = config_flags.DEFINE_config_file('config', default_config, 'Stage config file:preset.',
@@ -27,4 +29,4 @@ def run_stage(run_fn, default_config: str):
     if not run_fn(config.value, workdir.value).completed:
       raise SystemExit(143)
 
-  app.run(main)
+  entry.run_main(main)

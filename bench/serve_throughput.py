@@ -1,0 +1,163 @@
+"""Decode throughput: our engine (serving/engine.py) against Hugging Face `generate`, one run.
+
+  python -m bench.serve_throughput                         # CPU: tiny and small, fp32
+  python -m bench.serve_throughput --presets=374m --prompt=128 --new=256 --max_len=1024 \\
+      --dtype=bfloat16                                     # the GPU shape (DESIGN.md)
+
+For each preset and concurrency c (default 1, 8, 64): c requests with random P-token prompts
+arrive at once and each generates exactly N tokens (random weights; EOS ignored), greedy.
+- `ours`: Engine with c slots and a max_len-token cache; prefill + insert every request, then
+  generate steps, each step's tokens copied to the host one step behind (as JetStream's
+  orchestrator does). TTFT: arrival to the first returned token (all c prefills happen first, so
+  it grows with c); ITL: mean time per later step; tokens/s: c * N / total time.
+- `hf`: transformers.LlamaForCausalLM of the same shape and dtype, `generate(do_sample=False,
+  min_new_tokens=N, max_new_tokens=N)` on the batch of c prompts (dynamic cache, SDPA). TTFT:
+  a generate of one token; ITL: (total - TTFT) / (N - 1).
+Each side runs in its own child process, one after the other, after a warm-up run of the same
+shape (compilation excluded); each figure is the fastest of --repeat runs (shared CPUs are
+noisy). On GPU the memory-bandwidth floor of a decode step is the bytes it
+must read (weights in --param_dtype, plus the K and V cache of every slot: our engine reads the
+whole max_len cache each step) at the 2.9 TB/s copy rate DESIGN.md measured on the H100; the
+fraction reported is floor / measured ITL.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+COPY_RATE = 2.9e12  # bytes/s, H100 device-to-device copy (DESIGN.md)
+BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+
+
+def shape(args, preset):
+  from models import presets
+  return presets.resolve(preset, dtype=args.dtype, param_dtype=args.param_dtype)
+
+
+def run_ours(args, preset, c):
+  import jax
+  from models import llama
+  from serving.engine import Engine
+  cfg = shape(args, preset)
+  engine = Engine(llama.create_model(cfg, seed=0), max_concurrent_decodes=c, max_len=args.max_len,
+                  max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()))
+  prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
+
+  def once(n_new):
+    start = time.perf_counter()
+    state = engine.init_decode_state()
+    for slot, p in enumerate(prompts):
+      padded, n = engine.pad_prompt(p)
+      state = engine.insert(engine.prefill(params=engine.params, padded_tokens=padded,
+                                           true_length=n), state, slot)
+    state, step = engine.generate(engine.params, state)
+    np.asarray(step['tokens'])
+    first = time.perf_counter()
+    previous = None
+    for _ in range(n_new - 1):
+      state, step = engine.generate(engine.params, state)
+      step['tokens'].copy_to_host_async()
+      if previous is not None:
+        np.asarray(previous)  # One step behind, so the host copy overlaps the next step.
+      previous = step['tokens']
+    np.asarray(previous)
+    end = time.perf_counter()
+    return first - start, (end - first) / max(1, n_new - 1), end - start
+
+  once(4)  # Compiles every function of this shape.
+  ttft, itl, total = min((once(args.new) for _ in range(args.repeat)), key=lambda r: r[2])
+  return {'ttft_ms': 1e3 * ttft, 'itl_ms': 1e3 * itl, 'tokens_per_s': c * args.new / total,
+          'device': jax.devices()[0].device_kind}
+
+
+def run_hf(args, preset, c):
+  import torch
+  import transformers
+  cfg = shape(args, preset)
+  gpu = torch.cuda.is_available()
+  dtype = getattr(torch, args.dtype)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.norm_eps,
+      attn_implementation='sdpa', eos_token_id=None, pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_cfg).to(dtype).to('cuda' if gpu else 'cpu').eval()
+  prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
+  prompts = torch.as_tensor(prompts, device=model.device)
+
+  def timed(n_new):
+    if gpu:
+      torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+      model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                     min_new_tokens=n_new, max_new_tokens=n_new)
+    if gpu:
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+  timed(4)
+  ttft = min(timed(1) for _ in range(args.repeat))
+  total = min(timed(args.new) for _ in range(args.repeat))
+  return {'ttft_ms': 1e3 * ttft, 'itl_ms': 1e3 * (total - ttft) / max(1, args.new - 1),
+          'tokens_per_s': c * args.new / total,
+          'device': torch.cuda.get_device_name() if gpu else 'cpu'}
+
+
+def floor_ms(args, preset, c):
+  cfg = shape(args, preset)
+  weight_bytes = cfg.num_params() * BYTES[args.param_dtype]
+  cache_bytes = (2 * cfg.n_layers * c * args.max_len * cfg.n_kv_heads * cfg.head_dim *
+                 BYTES[args.dtype])
+  return 1e3 * (weight_bytes + cache_bytes) / COPY_RATE
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--presets', default='tiny,small')
+  parser.add_argument('--concurrency', default='1,8,64')
+  parser.add_argument('--prompt', type=int, default=64, help='prompt tokens P')
+  parser.add_argument('--new', type=int, default=64, help='generated tokens N')
+  parser.add_argument('--max_len', type=int, default=256, help='our cache length per slot')
+  parser.add_argument('--dtype', default='float32', help='compute dtype (both sides)')
+  parser.add_argument('--param_dtype', default=None, help='weight dtype (default: --dtype)')
+  parser.add_argument('--sides', default='ours,hf')
+  parser.add_argument('--repeat', type=int, default=3, help='timed runs; the fastest is kept')
+  parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  args.param_dtype = args.param_dtype or args.dtype
+  if args.child:
+    side, preset, c = args.child.split(':')
+    result = (run_ours if side == 'ours' else run_hf)(args, preset, int(c))
+    print('RESULT ' + json.dumps(result), flush=True)
+    return
+  print(f'P={args.prompt} N={args.new} max_len={args.max_len} dtype={args.dtype} '
+        f'param_dtype={args.param_dtype}')
+  print(f'{"preset":8} {"c":>3} {"side":5} {"TTFT ms":>9} {"ITL ms":>8} {"tok/s":>9} '
+        f'{"floor":>7}  device')
+  for preset in args.presets.split(','):
+    for c in map(int, args.concurrency.split(',')):
+      for side in args.sides.split(','):
+        out = subprocess.run([sys.executable, '-m', 'bench.serve_throughput', *sys.argv[1:],
+                              f'--child={side}:{preset}:{c}'], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+        if not lines:
+          print(f'{preset:8} {c:>3} {side:5} failed: {out.stderr[-600:]}')
+          continue
+        r = json.loads(lines[-1][7:])
+        frac = ''
+        if 'cpu' not in r['device'].lower():
+          frac = f'{floor_ms(args, preset, c) / r["itl_ms"]:.0%}'
+        print(f'{preset:8} {c:>3} {side:5} {r["ttft_ms"]:9.1f} {r["itl_ms"]:8.2f} '
+              f'{r["tokens_per_s"]:9.0f} {frac:>7}  {r["device"]}', flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,283 @@
+"""The KV-cache inference engine that serving, eval and the RL rollouts share.
+
+It follows JetStream's Engine API (prefill a prompt into a prefix, insert the prefix into one of
+`max_concurrent_decodes` decode slots, generate one token for every slot at once), so the same
+object runs under JetStream's orchestrator (serving/jetstream_compat.py wraps it) and under our
+own offline loop (serving/offline.py). It does not import JetStream itself, so trainers and the
+GPU benchmark use it without JetStream's dependencies.
+
+The decode state holds, per slot, its KV cache, its position, the token sampled but not yet
+returned, and its own sampling parameters (temperature, top-k, top-p, random key), so one step
+serves greedy and sampled requests side by side. Prompts are padded to power-of-two buckets:
+prefill and insert compile once per bucket, generate compiles once.
+
+Log-probabilities: every returned token comes with log p(token | prefix) under the *untempered*
+model distribution, log_softmax(logits) before temperature, top-k or top-p. That is the number
+the trainer computes for the same sequence, which is what RL needs (log pi_theta of the sampled
+token); when sampling at a temperature other than 1, or with top-k/top-p, it is not the log-prob
+of the distribution the token was actually drawn from.
+"""
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.llama import Llama, init_cache
+from models.sharding import logical_to_mesh
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request sampling: greedy when temperature == 0; top_k=0 and top_p=1 disable those."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f'temperature must be a finite number >= 0, got {self.temperature}')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0, got {self.top_k}')
+
+
+def sample_tokens(logits, key_data, positions, temperature, top_k, top_p):
+  """One token per row of logits [B, V] with the row's own sampling parameters.
+
+  Returns (tokens [B], log-probs [B]) with log-probs under the untempered distribution. Random
+  draws use fold_in(row key, position of the new token), so a seeded request gives the same
+  tokens whichever slot or batch it lands in.
+  """
+  greedy = jnp.argmax(logits, axis=-1)
+
+  def sampled():
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    in_top_k = jnp.arange(vocab)[None] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
+    # Top-p over the top-k renormalised: keep token i iff the mass before it is < top_p.
+    keep = in_top_k & ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+    n_keep = jnp.maximum(keep.sum(axis=-1), 1)
+    threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+    masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    keys = jax.vmap(lambda d, p: jax.random.fold_in(jax.random.wrap_key_data(d), p))(
+        key_data, positions)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  # An all-greedy batch (the common serving and eval case) skips the sort.
+  tokens = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens.astype(jnp.int32), logp
+
+
+def prefill_buckets(max_prefill_length: int) -> list[int]:
+  """Padded prompt lengths: powers of two from MIN_BUCKET up to max_prefill_length."""
+  if max_prefill_length < MIN_BUCKET or max_prefill_length & (max_prefill_length - 1):
+    raise ValueError(f'max_prefill_length must be a power of two >= {MIN_BUCKET}, '
+                     f'got {max_prefill_length}')
+  return [2 ** i for i in range(int(math.log2(MIN_BUCKET)), int(math.log2(max_prefill_length)) + 1)]
+
+
+class Engine:
+  """Continuous-batching decode over a fixed number of slots (JetStream's Engine API)."""
+
+  def __init__(self, model: Llama, *, max_concurrent_decodes: int = 8, max_len: int | None = None,
+               max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None):
+    self.cfg = model.cfg
+    self.max_len = max_len or self.cfg.max_seq_len
+    if self.max_len > self.cfg.max_seq_len:
+      raise ValueError(f'max_len={self.max_len} exceeds the model max_seq_len='
+                       f'{self.cfg.max_seq_len}')
+    self._max_prefill_length = max_prefill_length or min(self.max_len // 2, 1024)
+    self.buckets = prefill_buckets(self._max_prefill_length)
+    if self._max_prefill_length > self.max_len:
+      raise ValueError(f'max_prefill_length={self._max_prefill_length} exceeds max_len='
+                       f'{self.max_len}')
+    self.slots = max_concurrent_decodes
+    self._mesh, self.rules, self.tokenizer = mesh, rules, tokenizer
+    self.graphdef, self.params = nnx.split(model)
+    # The graph definition is static; parameters are arguments, so new weights of the same
+    # shapes (an RL step) reuse the compiled functions.
+    self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
+    self._insert = jax.jit(_insert, donate_argnums=1)
+    self._generate = jax.jit(functools.partial(_generate, self.graphdef, self.max_len),
+                             donate_argnums=1)
+    self._init_state = jax.jit(self._empty_state, out_shardings=self._state_shardings())
+
+  @classmethod
+  def from_workdir(cls, workdir: str, *, step: int | None = None, mesh=None, rules=None,
+                   dtype: str | None = None, **kwargs) -> 'Engine':
+    """The engine over a workdir's newest (or given) checkpoint and its tokenizer."""
+    from data.tokenizer import load_tokenizer
+    from models.checkpoint import load_model
+    model, _ = load_model(workdir, step=step, mesh=mesh, rules=rules, dtype=dtype)
+    return cls(model, mesh=mesh, rules=rules, tokenizer=load_tokenizer(workdir), **kwargs)
+
+  # ---- JetStream's Engine API ----
+
+  def load_params(self, workdir: str | None = None, step: int | None = None):
+    """This engine's parameters, or those of a workdir checkpoint of the same architecture."""
+    if workdir is None:
+      return self.params
+    from models.checkpoint import load_model
+    model, _ = load_model(workdir, step=step, mesh=self._mesh, rules=self.rules,
+                          dtype=self.cfg.dtype)
+    if model.cfg != self.cfg:
+      raise ValueError(f'{workdir} holds a different model ({model.cfg}) than this engine')
+    return nnx.state(model)
+
+  def prefill(self, *, params, padded_tokens, true_length: int, existing_prefix=None,
+              sampling: SamplingParams | None = None):
+    """Runs the prompt, samples its first new token; returns the prefix for `insert`."""
+    if existing_prefix is not None:
+      raise NotImplementedError('prefix caching (existing_prefix) is not supported')
+    sampling = sampling or SamplingParams()
+    padded_tokens = jnp.asarray(padded_tokens, jnp.int32)
+    if padded_tokens.shape[0] not in self.buckets:
+      raise ValueError(f'padded prompt length {padded_tokens.shape[0]} is not one of the '
+                       f'buckets {self.buckets}; use pad_prompt')
+    if not 0 < true_length <= padded_tokens.shape[0]:
+      raise ValueError(f'true_length={true_length} outside (0, {padded_tokens.shape[0]}]')
+    key = jax.random.key_data(jax.random.key(sampling.seed))
+    with self._mesh_context():
+      return self._prefill(params, padded_tokens, jnp.int32(true_length), key,
+                           jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                           jnp.float32(sampling.top_p))
+
+  def insert(self, prefix, decode_state, slot: int):
+    with self._mesh_context():
+      return self._insert(prefix, decode_state, jnp.int32(slot))
+
+  def generate(self, params, decode_state):
+    """One step for every slot: returns (new state, {'tokens', 'logprobs', 'valid', 'lengths'}).
+
+    Each step returns the token sampled by the previous step (or by prefill) together with its
+    log-prob, and samples the next one; `lengths` counts the tokens a slot has returned so far
+    and `valid` is False once the slot's cache is full.
+    """
+    with self._mesh_context():
+      return self._generate(params, decode_state)
+
+  def init_decode_state(self, *args, **kwargs):
+    with self._mesh_context():
+      return self._init_state()
+
+  def get_prefix_destination_sharding(self):
+    return None  # Prefill and generate share devices: the prefix stays where it is.
+
+  @property
+  def max_concurrent_decodes(self) -> int:
+    return self.slots
+
+  @property
+  def samples_per_slot(self) -> int:
+    return 1
+
+  @property
+  def max_prefill_length(self) -> int:
+    return self._max_prefill_length
+
+  @property
+  def mesh(self):
+    return self._mesh
+
+  @property
+  def colocated_cpus(self):
+    return None
+
+  # ---- helpers ----
+
+  def pad_prompt(self, tokens) -> tuple[np.ndarray, int]:
+    """Right-pads a prompt to its bucket: (padded int32 array, true length)."""
+    n = len(tokens)
+    if n == 0:
+      raise ValueError('the prompt is empty')
+    if n > self._max_prefill_length:
+      raise ValueError(f'the prompt has {n} tokens; this engine takes at most '
+                       f'{self._max_prefill_length}')
+    bucket = next(b for b in self.buckets if b >= n)
+    padded = np.zeros((bucket,), np.int32)
+    padded[:n] = tokens
+    return padded, n
+
+  def _mesh_context(self):
+    return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+
+  def _state_shardings(self):
+    if self._mesh is None:
+      return None
+    shard = lambda names: jax.sharding.NamedSharding(self._mesh, logical_to_mesh(names, self.rules))
+    per_slot = shard(('batch',))
+    state = jax.tree.map(lambda _: per_slot, jax.eval_shape(self._empty_state))
+    state['key'] = shard(('batch', None))
+    kv = shard(('batch', None, 'kv_heads', None))
+    state['cache'] = [{'k': kv, 'v': kv} for _ in range(self.cfg.n_layers)]
+    return state
+
+  def _empty_state(self):
+    s = self.slots
+    return {
+        'cache': init_cache(self.cfg, s, self.max_len),
+        'tokens': jnp.zeros((s,), jnp.int32),  # sampled, returned by the next generate step
+        'logprobs': jnp.zeros((s,), jnp.float32),
+        'pos': jnp.zeros((s,), jnp.int32),  # where `tokens` goes in the cache
+        'returned': jnp.zeros((s,), jnp.int32),  # tokens this slot has returned so far
+        'key': jnp.zeros((s, 2), jnp.uint32),
+        'temperature': jnp.zeros((s,), jnp.float32),
+        'top_k': jnp.zeros((s,), jnp.int32),
+        'top_p': jnp.ones((s,), jnp.float32),
+    }
+
+
+def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top_p):
+  model = nnx.merge(graphdef, params)
+  cache = init_cache(model.cfg, 1, tokens.shape[0])
+  logits, cache = model(tokens[None], cache=cache)
+  last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=True)
+  token, logp = sample_tokens(last, key[None], true_length[None], temperature[None], top_k[None],
+                              top_p[None])
+  return {'cache': cache, 'token': token[0], 'logprob': logp[0], 'pos': true_length, 'key': key,
+          'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
+
+
+def _insert(prefix, state, slot):
+  # The prefix fills cache[slot, :bucket]; whatever the slot held beyond it is invisible (a query
+  # sees indices <= its position) and is overwritten before the slot's position gets there.
+  at = (slot, 0, 0, 0)
+  cache = [{n: jax.lax.dynamic_update_slice(layer[n], new[n].astype(layer[n].dtype), at)
+            for n in ('k', 'v')} for layer, new in zip(state['cache'], prefix['cache'])]
+  put = lambda name, value: state[name].at[slot].set(value)
+  return {
+      'cache': cache, 'tokens': put('tokens', prefix['token']),
+      'logprobs': put('logprobs', prefix['logprob']), 'pos': put('pos', prefix['pos']),
+      'returned': put('returned', 0), 'key': put('key', prefix['key']),
+      'temperature': put('temperature', prefix['temperature']),
+      'top_k': put('top_k', prefix['top_k']), 'top_p': put('top_p', prefix['top_p']),
+  }
+
+
+def _generate(graphdef, max_len, params, state):
+  model = nnx.merge(graphdef, params)
+  pos = state['pos']
+  logits, cache = model(state['tokens'][:, None], pos[:, None], cache=state['cache'])
+  nxt, logp = sample_tokens(logits[:, 0], state['key'], pos + 1, state['temperature'],
+                            state['top_k'], state['top_p'])
+  returned = state['returned'] + 1
+  step = {'tokens': state['tokens'], 'logprobs': state['logprobs'], 'valid': pos < max_len,
+          'lengths': returned}
+  # A full slot stops advancing (its writes past the cache are dropped) and reports invalid.
+  new_state = dict(state, cache=cache, tokens=nxt, logprobs=logp,
+                   pos=jnp.minimum(pos + 1, max_len), returned=returned)
+  return new_state, step

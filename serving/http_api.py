@@ -1,0 +1,390 @@
+"""The OpenAI-compatible HTTP API over JetStream's driver (serving/server.py starts it).
+
+A small HTTP/1.1 server on asyncio streams (the standard library has no asyncio HTTP server and
+JetStream's result channels live on an event loop): one request per connection, server-sent
+events for streaming. Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /health, GET /metrics (Prometheus).
+
+Every request is validated here, before it reaches the driver, because an exception in a driver
+thread kills the process. A client that disconnects, or a stop string, cancels its request,
+which frees its decode slot at the next step. Requests beyond the slots plus `max_queue` get 503.
+"""
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import deque
+
+import prometheus_client as prom
+from jetstream.core.utils.async_multifuture import AsyncMultifuture
+
+from serving.engine import SamplingParams
+from serving.jetstream_compat import Driver, Request
+
+MAX_BODY = 1 << 20
+_REASONS = {200: 'OK', 400: 'Bad Request', 401: 'Unauthorized', 404: 'Not Found',
+            405: 'Method Not Allowed', 413: 'Payload Too Large', 500: 'Internal Server Error',
+            501: 'Not Implemented', 503: 'Service Unavailable'}
+
+
+class HttpError(Exception):
+
+  def __init__(self, status: int, message: str, param: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param = status, message, param
+
+
+class _ClientGone(Exception):
+  pass
+
+
+class Metrics:
+  """Prometheus metrics of the server, in their own registry."""
+
+  def __init__(self, requests: dict):
+    self.registry = r = prom.CollectorRegistry()
+    self.ttft = prom.Histogram('lmforge_time_to_first_token_seconds', 'Arrival to first token.',
+                               registry=r)
+    self.itl = prom.Histogram('lmforge_inter_token_latency_seconds', 'Between returned tokens.',
+                              registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
+    self.tokens = prom.Counter('lmforge_output_tokens', 'Generated tokens returned.', registry=r)
+    self.requests = prom.Counter('lmforge_requests', 'Finished requests.', ['status'], registry=r)
+    self._recent = deque()  # (time, tokens) of the last 10 s, for the tokens/s gauge
+    prom.Gauge('lmforge_tokens_per_second', 'Output tokens/s over the last 10 s.',
+               registry=r).set_function(self._rate)
+    # The driver sets `complete` when it inserts a request into a slot. (HTTP requests only.)
+    active = lambda: sum(q.complete is not None for q in list(requests.values()))
+    prom.Gauge('lmforge_active_slots', 'Decode slots in use.', registry=r).set_function(active)
+    prom.Gauge('lmforge_queue_depth', 'Requests waiting for a decode slot.',
+               registry=r).set_function(lambda: len(requests) - active())
+
+  def add_tokens(self, n: int):
+    self.tokens.inc(n)
+    self._recent.append((time.monotonic(), n))
+
+  def _rate(self) -> float:
+    while self._recent and self._recent[0][0] < time.monotonic() - 10:
+      self._recent.popleft()
+    return sum(n for _, n in self._recent) / 10
+
+
+class OpenAIServer:
+
+  def __init__(self, engine, driver: Driver, *, model_name: str, api_key: str = '',
+               max_queue: int = 64):
+    self.engine, self.driver, self.tok = engine, driver, engine.tokenizer
+    self.model_name, self.api_key = model_name, api_key
+    self.capacity = engine.max_concurrent_decodes + max_queue
+    self.inflight: dict[int, Request] = {}  # id -> request (requests are unhashable)
+    self.metrics = Metrics(self.inflight)
+    self.created = int(time.time())
+
+  async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    try:
+      method, path, headers, body = await _read_request(reader)
+      await self._route(method, path, headers, body, reader, writer)
+    except HttpError as e:
+      self.metrics.requests.labels(str(e.status)).inc()
+      kind = 'invalid_request_error' if e.status < 500 else 'server_error'
+      await _send_json(writer, e.status, {'error': {
+          'message': e.message, 'type': kind, 'param': e.param, 'code': e.status}})
+    except (ConnectionError, asyncio.IncompleteReadError, _ClientGone):
+      pass
+    except Exception:  # A bug in one request must not take the server down.
+      logging.exception('request failed')
+      await _send_json(writer, 500, {'error': {'message': 'internal error', 'type': 'server_error',
+                                               'param': None, 'code': 500}})
+    finally:
+      writer.close()
+
+  async def _route(self, method, path, headers, body, reader, writer):
+    path = path.split('?')[0]
+    if path == '/health':
+      return await _send_json(writer, 200, {'status': 'ok', 'model': self.model_name})
+    if path == '/metrics':
+      return await _send(writer, 200, prom.generate_latest(self.metrics.registry),
+                         prom.CONTENT_TYPE_LATEST)
+    if self.api_key and headers.get('authorization') != f'Bearer {self.api_key}':
+      raise HttpError(401, 'missing or wrong API key (send "Authorization: Bearer KEY")')
+    if path == '/v1/models':
+      return await _send_json(writer, 200, {'object': 'list', 'data': [{
+          'id': self.model_name, 'object': 'model', 'created': self.created,
+          'owned_by': 'lmforge', 'max_model_len': self.engine.max_len}]})
+    if path in ('/v1/completions', '/v1/chat/completions'):
+      if method != 'POST':
+        raise HttpError(405, f'{path} takes POST')
+      return await self._complete(_parse_json(body), path.endswith('chat/completions'), reader,
+                                  writer)
+    raise HttpError(404, f'no route {path}')
+
+  async def _complete(self, body: dict, chat: bool, reader, writer):
+    ids, args = self._validate(body, chat)
+    if len(self.inflight) >= self.capacity:
+      raise HttpError(503, f'the server is at capacity ({len(self.inflight)} requests in flight); '
+                      'retry later')
+    channel = AsyncMultifuture()
+    request = Request(max_tokens=args['max_tokens'], return_channel=channel, prefill_content=ids,
+                      is_client_side_tokenization=True, sampling=args['sampling'],
+                      stop_ids=args['stop_ids'])
+    self.inflight[id(request)] = request
+    arrived = last = time.monotonic()
+    gone = asyncio.ensure_future(reader.read(1))  # b'' once the client closes the connection
+    stream = _Stream(self, writer, chat, args) if args['stream'] else None
+    tokens, logprobs, finish = [], [], 'length'
+    try:
+      self.driver.place_request_on_prefill_queue(request)
+      if stream:
+        await stream.start()
+      while True:
+        try:
+          ids_, lps = await _next(channel, gone)
+        except StopAsyncIteration:
+          break
+        now = time.monotonic()
+        (self.metrics.itl if tokens else self.metrics.ttft).observe(now - (last if tokens
+                                                                            else arrived))
+        last = now
+        tokens += ids_
+        logprobs += lps
+        self.metrics.add_tokens(len(ids_))
+        text, hit = _cut(self.tok.decode(tokens), args['stop'])
+        if hit:
+          request.cancelled, finish = True, 'stop'
+          break
+        if stream:
+          await stream.send(text, tokens, logprobs, final=False)
+      if finish != 'stop' and len(tokens) < args['max_tokens']:
+        finish = 'stop'  # The channel closed early: EOS or a stop token.
+      text, _ = _cut(self.tok.decode(tokens), args['stop'])
+      if stream:
+        await stream.send(text, tokens, logprobs, final=True, finish=finish)
+        await stream.done()
+      else:
+        await _send_json(writer, 200, self._body(chat, text, tokens, logprobs, finish, len(ids),
+                                                 args))
+      self.metrics.requests.labels('200').inc()
+    except _ClientGone:
+      self.metrics.requests.labels('disconnected').inc()
+      raise
+    finally:
+      request.cancelled = True  # No-op after a normal end; frees the slot otherwise.
+      del self.inflight[id(request)]
+      gone.cancel()
+
+  def _validate(self, body: dict, chat: bool):
+    model = body.get('model')
+    if model != self.model_name:
+      raise HttpError(404, f'the model {model!r} does not exist; this server serves '
+                      f'{self.model_name!r}', 'model')
+    stop_ids = frozenset()
+    if chat:
+      ids, stop_ids = self._chat_prompt(body.get('messages'))
+    else:
+      ids = self._text_prompt(body.get('prompt'))
+    for key, allowed in (('n', 1), ('echo', False), ('best_of', 1)):
+      if body.get(key, allowed) not in (allowed, None):
+        raise HttpError(400, f'{key}={body[key]!r} is not supported (only {allowed})', key)
+    room = self.engine.max_len - len(ids)
+    max_tokens = body.get('max_completion_tokens', body.get('max_tokens'))
+    if max_tokens is None:
+      max_tokens = min(room, 256) if chat else 16
+    if not _is_int(max_tokens) or max_tokens <= 0:
+      raise HttpError(400, f'max_tokens must be a positive integer, got {max_tokens!r}',
+                      'max_tokens')
+    if max_tokens > room:
+      raise HttpError(400, f'this model\'s maximum context length is {self.engine.max_len} '
+                      f'tokens; the prompt has {len(ids)} and max_tokens is {max_tokens}',
+                      'max_tokens')
+    temperature = _number(body, 'temperature', 1.0, 0.0, 2.0)
+    top_p = _number(body, 'top_p', 1.0, 0.0, 1.0)
+    if top_p == 0:
+      raise HttpError(400, 'top_p must be in (0, 1], got 0', 'top_p')
+    top_k, seed = body.get('top_k', 0), body.get('seed')
+    if not _is_int(top_k) or top_k < 0:
+      raise HttpError(400, f'top_k must be an integer >= 0, got {top_k!r}', 'top_k')
+    if seed is not None and not _is_int(seed):
+      raise HttpError(400, f'seed must be an integer, got {seed!r}', 'seed')
+    seed = random.getrandbits(31) if seed is None else seed % (1 << 31)
+    stop = body.get('stop') or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stop, list) or len(stop) > 4 or
+        not all(isinstance(s, str) and s for s in stop)):
+      raise HttpError(400, 'stop must be a non-empty string or a list of up to 4 of them', 'stop')
+    stream = body.get('stream', False)
+    if not isinstance(stream, bool):
+      raise HttpError(400, f'stream must be true or false, got {stream!r}', 'stream')
+    logprobs = body.get('logprobs')
+    if logprobs not in (None, False, True) and not (_is_int(logprobs) and 0 <= logprobs <= 5):
+      raise HttpError(400, f'logprobs must be {"a boolean" if chat else "null or 0..5"}, got '
+                      f'{logprobs!r}', 'logprobs')
+    return ids, {'max_tokens': max_tokens, 'stop': stop, 'stop_ids': stop_ids, 'stream': stream,
+                 'logprobs': logprobs is True or _is_int(logprobs),
+                 'sampling': SamplingParams(temperature, top_k, top_p, seed)}
+
+  def _text_prompt(self, prompt) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+      prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+      ids = [self.tok.bos_id] + self.tok.encode(prompt)
+    elif (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+      ids = list(prompt)  # Token ids are taken exactly as given.
+      if not all(0 <= t < self.engine.cfg.vocab_size for t in ids):
+        raise HttpError(400, f'prompt token ids must be in [0, {self.engine.cfg.vocab_size})',
+                        'prompt')
+    else:
+      raise HttpError(400, 'prompt must be a non-empty string, a list of one string, or a list of '
+                      'token ids', 'prompt')
+    return self._fits(ids, 'prompt')
+
+  def _chat_prompt(self, messages):
+    if (not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and m.get('role') in ('system', 'user', 'assistant') and
+        isinstance(m.get('content'), str) for m in messages)):
+      raise HttpError(400, 'messages must be a non-empty list of {"role": "system"|"user"|'
+                      '"assistant", "content": string}', 'messages')
+    try:
+      from data.chat import apply_chat_template, end_of_turn_id
+      ids = apply_chat_template(self.tok, messages, add_generation_prompt=True)
+      stop_ids = frozenset([end_of_turn_id(self.tok)])
+    except (ImportError, KeyError, AttributeError) as e:
+      raise HttpError(501, f'this model has no chat template ({e}); use /v1/completions') from e
+    return self._fits(ids, 'messages'), stop_ids
+
+  def _fits(self, ids, param):
+    if len(ids) > self.engine.max_prefill_length:
+      raise HttpError(400, f'the prompt has {len(ids)} tokens; this server takes at most '
+                      f'{self.engine.max_prefill_length}', param)
+    return ids
+
+  def _body(self, chat, text, tokens, logprobs, finish, n_prompt, args):
+    lp = _logprobs(self.tok, chat, tokens, logprobs) if args['logprobs'] else None
+    choice = ({'index': 0, 'message': {'role': 'assistant', 'content': text}, 'logprobs': lp,
+               'finish_reason': finish} if chat else
+              {'index': 0, 'text': text, 'logprobs': lp, 'finish_reason': finish})
+    return {'id': f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}',
+            'object': 'chat.completion' if chat else 'text_completion',
+            'created': int(time.time()), 'model': self.model_name, 'choices': [choice],
+            'usage': {'prompt_tokens': n_prompt, 'completion_tokens': len(tokens),
+                      'total_tokens': n_prompt + len(tokens)}}
+
+
+class _Stream:
+  """Server-sent events of one completion; text is held back while it may still change (an
+  incomplete UTF-8 sequence, or the start of a stop string)."""
+
+  def __init__(self, server: OpenAIServer, writer, chat: bool, args):
+    self.server, self.writer, self.chat, self.args = server, writer, chat, args
+    self.id = f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}'
+    self.sent_text, self.sent_tokens = '', 0
+    self.holdback = max(map(len, args['stop']), default=1) - 1
+
+  async def start(self):
+    self.writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n'
+                      b'Cache-Control: no-cache\r\nConnection: close\r\n\r\n')
+    if self.chat:
+      await self._event({'role': 'assistant', 'content': ''}, None, None)
+
+  async def send(self, text, tokens, logprobs, final, finish=None):
+    ready = text if final else text[:len(text) - self.holdback].rstrip('\ufffd')
+    if len(ready) <= len(self.sent_text) and not final:
+      return
+    delta = ready[len(self.sent_text):]
+    lp = None
+    if self.args['logprobs']:
+      lp = _logprobs(self.server.tok, self.chat, tokens[self.sent_tokens:],
+                     logprobs[self.sent_tokens:])
+    self.sent_text, self.sent_tokens = ready, len(tokens)
+    await self._event({'content': delta} if self.chat else delta, lp, finish)
+
+  async def _event(self, delta, logprobs, finish):
+    choice = ({'index': 0, 'delta': delta, 'logprobs': logprobs, 'finish_reason': finish}
+              if self.chat else
+              {'index': 0, 'text': delta, 'logprobs': logprobs, 'finish_reason': finish})
+    chunk = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else 'text_completion',
+             'created': int(time.time()), 'model': self.server.model_name, 'choices': [choice]}
+    self.writer.write(f'data: {json.dumps(chunk)}\n\n'.encode())
+    await self.writer.drain()
+
+  async def done(self):
+    self.writer.write(b'data: [DONE]\n\n')
+    await self.writer.drain()
+
+
+def _logprobs(tok, chat, tokens, logprobs):
+  pieces = [tok.decode([t]) for t in tokens]
+  if chat:
+    return {'content': [{'token': p, 'logprob': lp, 'bytes': list(p.encode()), 'top_logprobs': []}
+                        for p, lp in zip(pieces, logprobs)]}
+  offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+  return {'tokens': pieces, 'token_logprobs': logprobs, 'top_logprobs': None,
+          'text_offset': offsets}
+
+
+async def _next(channel, gone):
+  """The channel's next item, or _ClientGone once the client has closed its connection."""
+  item = asyncio.ensure_future(channel.__anext__())
+  await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+  if item.done():
+    return item.result()
+  item.cancel()
+  raise _ClientGone()
+
+
+def _cut(text: str, stop) -> tuple[str, bool]:
+  cuts = [text.index(s) for s in stop if s in text]
+  return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(body, key, default, lo, hi) -> float:
+  x = body.get(key)
+  if x is None:
+    return default
+  if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not (
+      lo <= x <= hi):
+    raise HttpError(400, f'{key} must be a number in [{lo}, {hi}], got {x!r}', key)
+  return float(x)
+
+
+def _parse_json(body: bytes) -> dict:
+  try:
+    parsed = json.loads(body)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise HttpError(400, f'the request body is not valid JSON: {e}') from e
+  if not isinstance(parsed, dict):
+    raise HttpError(400, 'the request body must be a JSON object')
+  return parsed
+
+
+async def _read_request(reader):
+  line = (await reader.readline()).decode('latin-1').split()
+  if len(line) != 3:
+    raise HttpError(400, 'malformed HTTP request line')
+  headers = {}
+  while (raw := await reader.readline()) not in (b'\r\n', b'\n', b''):
+    name, _, value = raw.decode('latin-1').partition(':')
+    headers[name.strip().lower()] = value.strip()
+  try:
+    length = int(headers.get('content-length', 0))
+  except ValueError as e:
+    raise HttpError(400, 'bad Content-Length') from e
+  if length > MAX_BODY:
+    raise HttpError(413, f'request body over {MAX_BODY} bytes')
+  body = await reader.readexactly(length) if length else b''
+  return line[0], line[1], headers, body
+
+
+async def _send(writer, status, payload: bytes, content_type):
+  writer.write(f'HTTP/1.1 {status} {_REASONS.get(status, "")}\r\nContent-Type: {content_type}\r\n'
+               f'Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n'.encode() + payload)
+  await writer.drain()
+
+
+async def _send_json(writer, status, obj):
+  await _send(writer, status, json.dumps(obj).encode(), 'application/json')

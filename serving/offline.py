@@ -1,0 +1,89 @@
+"""Batched offline generation over the engine: many prompts, n samples each, every slot kept busy.
+
+Eval and the RL trainers call `generate` with the current in-memory parameters; the engine's
+functions take parameters as arguments, so a new policy of the same shapes reuses the compiled
+prefill, insert and generate steps. A slot is refilled as soon as its sequence ends (EOS, a stop
+string, max_tokens, or a full cache), so a long sample never holds the others back.
+"""
+import collections
+import dataclasses
+
+import jax
+
+from serving.engine import Engine, SamplingParams
+
+
+@dataclasses.dataclass
+class Completion:
+  prompt_index: int
+  sample_index: int
+  tokens: list[int]  # generated ids, EOS included when the sequence ended on it
+  logprobs: list[float]  # log p(token | prefix) under the untempered model, one per token
+  text: str | None  # decoded `tokens` (cut before a stop string), when the engine has a tokenizer
+  finish_reason: str  # 'stop' (EOS or a stop string) or 'length' (max_tokens or a full cache)
+
+
+def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 1,
+             max_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+             stop: tuple[str, ...] = (), eos_id: int | None = None) -> list[Completion]:
+  """Continues each prompt n times; returns Completions ordered by (prompt, sample).
+
+  Sample j of prompt i draws with seed `sampling.seed + i * n + j`, so samples differ and a
+  rerun with the same seed reproduces them. `params` defaults to the engine's own.
+  """
+  if max_tokens <= 0:
+    raise ValueError(f'max_tokens must be > 0, got {max_tokens}')
+  if stop and engine.tokenizer is None:
+    raise ValueError('stop strings need an engine with a tokenizer')
+  params = engine.params if params is None else params
+  if eos_id is None and engine.tokenizer is not None:
+    eos_id = engine.tokenizer.eos_id
+  padded = [engine.pad_prompt(p) for p in prompts]  # Validates every prompt before any work.
+  todo = collections.deque((i, j) for i in range(len(prompts)) for j in range(n))
+  state = engine.init_decode_state()
+  live: dict[int, tuple[int, int]] = {}  # slot -> (prompt, sample)
+  out: dict[tuple[int, int], Completion] = {}
+  while todo or live:
+    for slot in range(engine.max_concurrent_decodes):
+      if slot in live or not todo:
+        continue
+      i, j = todo.popleft()
+      seeded = dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
+      tokens, length = padded[i]
+      prefix = engine.prefill(params=params, padded_tokens=tokens, true_length=length,
+                              sampling=seeded)
+      state = engine.insert(prefix, state, slot)
+      live[slot] = (i, j)
+      out[i, j] = Completion(i, j, [], [], None, 'length')
+    state, step = engine.generate(params, state)
+    step = jax.device_get(step)
+    for slot, (i, j) in list(live.items()):
+      c = out[i, j]
+      if not step['valid'][slot]:
+        del live[slot]
+        continue
+      c.tokens.append(int(step['tokens'][slot]))
+      c.logprobs.append(float(step['logprobs'][slot]))
+      if _finished(engine, c, max_tokens, stop, eos_id):
+        del live[slot]
+  for c in out.values():
+    if engine.tokenizer is not None:
+      c.text = _cut_at_stop(engine.tokenizer.decode(c.tokens), stop)
+  return [out[key] for key in sorted(out)]
+
+
+def _finished(engine, c: Completion, max_tokens, stop, eos_id) -> bool:
+  if eos_id is not None and c.tokens[-1] == eos_id:
+    c.finish_reason = 'stop'
+    return True
+  # A stop string ends within the last few tokens: decode only a short tail.
+  if stop and any(s in engine.tokenizer.decode(c.tokens[-8 - max(map(len, stop)):]) for s in stop):
+    c.finish_reason = 'stop'
+    return True
+  return len(c.tokens) >= max_tokens
+
+
+def _cut_at_stop(text: str, stop) -> str:
+  cuts = [text.index(s) for s in stop if s in text]
+  return text[:min(cuts)] if cuts else text
+

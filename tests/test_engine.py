@@ -1,0 +1,150 @@
+"""The engine decodes exactly like the plain model, and its log-probs are the trainer's."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import llama, presets
+from serving import offline
+from serving.engine import Engine, SamplingParams, sample_tokens
+
+CFG = presets.resolve('tiny', dtype='float32')
+PROMPTS = [[5, 17, 300, 2], list(range(30, 50)), [9], list(range(100, 140)), [44, 45, 46]]
+
+
+@pytest.fixture(scope='module')
+def model():
+  return llama.create_model(CFG, seed=1)
+
+
+@pytest.fixture(scope='module')
+def engine(model):
+  # 2 slots for 5 prompts: slots are refilled while the other sequence is mid-flight.
+  return Engine(model, max_concurrent_decodes=2, max_len=96, max_prefill_length=64)
+
+
+@nnx.jit
+def _forward(model, tokens):
+  return model(tokens)
+
+
+def _logits(model, seq, width=64):
+  # Causal: right padding to one width changes no logit before it, and compiles once.
+  return _forward(model, jnp.asarray([seq + [0] * (width - len(seq))]))[0, :len(seq)]
+
+
+def _greedy_without_cache(model, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(jnp.argmax(_logits(model, seq)[-1])))
+  return seq[len(prompt):]
+
+
+def _model_logprobs(model, prompt, tokens):
+  logp = jax.nn.log_softmax(_logits(model, prompt + tokens), axis=-1)
+  return np.asarray(logp[len(prompt) - 1:-1][np.arange(len(tokens)), tokens])
+
+
+def test_greedy_with_mixed_lengths_and_reused_slots_equals_full_recompute(model, engine):
+  lengths = [6, 11, 3, 8, 12]  # Different lengths, so slots free up at different steps.
+  got = [offline.generate(engine, [p], max_tokens=n)[0].tokens for p, n in zip(PROMPTS, lengths)]
+  batched = offline.generate(engine, PROMPTS, max_tokens=12)
+  for prompt, n, alone, together in zip(PROMPTS, lengths, got, batched):
+    want = _greedy_without_cache(model, prompt, 12)
+    assert alone == want[:n]
+    assert together.tokens == want and together.finish_reason == 'length'
+
+
+def test_greedy_slot_is_unaffected_by_a_sampled_neighbour(model, engine):
+  state = engine.init_decode_state()
+  for slot, (prompt, sampling) in enumerate([(PROMPTS[0], SamplingParams()),
+                                             (PROMPTS[1], SamplingParams(1.0, 0, 1.0, 7))]):
+    padded, n = engine.pad_prompt(prompt)
+    state = engine.insert(engine.prefill(params=engine.params, padded_tokens=padded,
+                                         true_length=n, sampling=sampling), state, slot)
+  tokens = []
+  for _ in range(8):
+    state, step = engine.generate(engine.params, state)
+    assert step['valid'].all()
+    tokens.append(np.asarray(step['tokens']))
+  assert [int(t[0]) for t in tokens] == _greedy_without_cache(model, PROMPTS[0], 8)
+  assert int(step['lengths'][0]) == 8
+
+
+def test_logprobs_of_sampled_tokens_match_the_training_model(model, engine):
+  done = offline.generate(engine, PROMPTS[:3], n=2, max_tokens=10,
+                          sampling=SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3))
+  assert len(done) == 6 and len({tuple(c.tokens) for c in done}) > 1
+  for c in done:
+    want = _model_logprobs(model, PROMPTS[c.prompt_index], c.tokens)
+    np.testing.assert_allclose(c.logprobs, want, atol=1e-4)
+
+
+def test_seeded_sampling_repeats_and_stops_at_eos(engine):
+  sampling = SamplingParams(temperature=1.0, seed=11)
+  a = offline.generate(engine, PROMPTS[:2], n=2, max_tokens=8, sampling=sampling)
+  b = offline.generate(engine, PROMPTS[:2], n=2, max_tokens=8, sampling=sampling)
+  assert [c.tokens for c in a] == [c.tokens for c in b]
+  eos = a[0].tokens[3]
+  cut = offline.generate(engine, PROMPTS[:1], max_tokens=8, sampling=sampling, eos_id=eos)[0]
+  assert cut.tokens == a[0].tokens[:a[0].tokens.index(eos) + 1] and cut.finish_reason == 'stop'
+
+
+def test_new_params_reuse_the_compiled_steps(engine):
+  offline.generate(engine, PROMPTS[:2], max_tokens=4)
+  sizes = [f._cache_size() for f in (engine._prefill, engine._insert, engine._generate)]
+  other = nnx.state(llama.create_model(CFG, seed=2))
+  first = offline.generate(engine, PROMPTS[:2], max_tokens=4)
+  second = offline.generate(engine, PROMPTS[:2], params=other, max_tokens=4)
+  assert [c.tokens for c in first] != [c.tokens for c in second]  # The new weights were used.
+  assert [f._cache_size() for f in (engine._prefill, engine._insert, engine._generate)] == sizes
+
+
+def test_a_full_cache_ends_the_sequence(model):
+  small = Engine(model, max_concurrent_decodes=1, max_len=24, max_prefill_length=16)
+  done = offline.generate(small, [list(range(1, 15))], max_tokens=50)[0]
+  assert len(done.tokens) == 24 - 14 and done.finish_reason == 'length'
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+  logits = jax.random.normal(jax.random.key(0), (4, 50))
+  key = jnp.zeros((4, 2), jnp.uint32)
+  ones = jnp.ones((4,), jnp.float32)
+  for top_k, top_p in ((1, 1.0), (0, 1e-6)):
+    tokens, logp = sample_tokens(logits, key, jnp.arange(4), ones, jnp.full((4,), top_k),
+                                 jnp.full((4,), top_p, jnp.float32))
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits, -1))
+    np.testing.assert_allclose(logp, jax.nn.log_softmax(logits).max(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs, match', [({'temperature': -1.0}, 'temperature'),
+                                           ({'temperature': float('nan')}, 'temperature'),
+                                           ({'top_p': 0.0}, 'top_p'), ({'top_k': -2}, 'top_k')])
+def test_bad_sampling_params_are_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_errors(engine):
+  with pytest.raises(ValueError, match='at most 64'):
+    engine.pad_prompt([1] * 65)
+  with pytest.raises(ValueError, match='empty'):
+    offline.generate(engine, [[]], max_tokens=3)
+  with pytest.raises(ValueError, match='max_tokens'):
+    offline.generate(engine, [[1]], max_tokens=0)
+
+
+def test_engine_on_a_mesh_decodes_like_one_device(engine):
+  from configs.base import DEFAULT_SHARDING_RULES
+  from models.sharding import make_mesh
+  mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+  sharded = Engine(llama.create_model(CFG, seed=1, mesh=mesh, rules=DEFAULT_SHARDING_RULES),
+                   max_concurrent_decodes=2, max_len=96, max_prefill_length=64, mesh=mesh,
+                   rules=DEFAULT_SHARDING_RULES)
+  k = sharded.init_decode_state()['cache'][0]['k']  # [slots, max_len, kv_heads, head_dim]
+  assert k.sharding.shard_shape(k.shape) == (1, 96, 1, CFG.head_dim)  # slots/data, heads/tensor
+  want = offline.generate(engine, PROMPTS[:3], max_tokens=6)
+  got = offline.generate(sharded, PROMPTS[:3], max_tokens=6)
+  assert [c.tokens for c in got] == [c.tokens for c in want]
+  np.testing.assert_allclose([c.logprobs for c in got], [c.logprobs for c in want], atol=1e-5)

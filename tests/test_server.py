@@ -1,0 +1,234 @@
+"""The OpenAI-compatible server in a subprocess: the official client, streaming, concurrency, bad
+input answered with 4xx, a full queue with 503, disconnects freeing slots, and JetStream's gRPC.
+
+Greedy answers are checked against offline generation on the same checkpoint in this process.
+"""
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import portpicker
+import pytest
+from flax import nnx
+
+from data.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from models import checkpoint, llama, presets
+from serving import offline
+from serving.engine import Engine
+
+KEY = 'secret'
+PROMPTS = ['In the beginning', 'And God said', 'Let there be light', 'x', 'def f(a, b):', 'y = 1']
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, repo_root):
+  wd = str(tmp_path_factory.mktemp('serve'))
+  cfg = presets.resolve('tiny', dtype='float32')
+  ckpt = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), async_save=False)
+  ckpt.save(0, nnx.state(llama.create_model(cfg, seed=3), nnx.Param))
+  ckpt.close()
+  checkpoint.save_model_config(wd, cfg)
+  sources = [open(os.path.join(repo_root, 'serving', f)).read() for f in os.listdir(
+      os.path.join(repo_root, 'serving')) if f.endswith('.py')]
+  save_tokenizer(train_tokenizer(sources + PROMPTS * 10, vocab_size=cfg.vocab_size), wd)
+  return wd
+
+
+@pytest.fixture(scope='module')
+def server(workdir, repo_root):
+  port, grpc_port = portpicker.pick_unused_port(), portpicker.pick_unused_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'serving.server', f'--workdir={workdir}', f'--port={port}',
+       f'--grpc_port={grpc_port}', f'--api_key={KEY}', '--max_concurrent_decodes=2',
+       '--max_len=128', '--max_queue=2', '--model_name=tiny'],
+      cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+      assert proc.poll() is None, proc.stdout.read()
+      try:
+        if _request(port, 'GET', '/health')[0] == 200:
+          break
+      except OSError:
+        time.sleep(0.5)
+    yield {'port': port, 'grpc_port': grpc_port, 'proc': proc}
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(15)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+@pytest.fixture(scope='module')
+def client(server):
+  return openai.OpenAI(base_url=f'http://127.0.0.1:{server["port"]}/v1', api_key=KEY,
+                       max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope='module')
+def reference(workdir):
+  """Greedy continuations of PROMPTS (as the server encodes them) from the same checkpoint."""
+  engine = Engine.from_workdir(workdir, max_concurrent_decodes=2, max_len=128,
+                               max_prefill_length=64)
+  tok = engine.tokenizer
+  done = offline.generate(engine, [[tok.bos_id] + tok.encode(p) for p in PROMPTS], max_tokens=12)
+  return {p: (c.text, c.tokens) for p, c in zip(PROMPTS, done)}
+
+
+def _request(port, method, path, body=None, key=KEY):
+  conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+  headers = {'Authorization': f'Bearer {key}'} if key else {}
+  data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+  conn.request(method, path, body=data, headers=headers)
+  resp = conn.getresponse()
+  payload = resp.read()
+  conn.close()
+  return resp.status, payload
+
+
+def _metric(port, name):
+  text = _request(port, 'GET', '/metrics')[1].decode()
+  return sum(float(v) for v in re.findall(rf'^{re.escape(name)} (\S+)$', text, re.M))
+
+
+def _expected_len(tokens, eos, n):
+  return tokens.index(eos) if eos in tokens[:n] else n  # EOS itself is not returned
+
+
+def test_openai_client_greedy_streaming_and_not(client, reference, workdir):
+  assert [m.id for m in client.models.list()] == ['tiny']
+  for prompt in PROMPTS[:2]:
+    want_text, want_tokens = reference[prompt]
+    got = client.completions.create(model='tiny', prompt=prompt, max_tokens=12, temperature=0)
+    n = _expected_len(want_tokens, Tokenizer.eos_id, 12)
+    assert got.usage.completion_tokens == n
+    assert got.choices[0].text == want_text
+    assert got.choices[0].finish_reason == ('length' if n == 12 else 'stop')
+    streamed = client.completions.create(model='tiny', prompt=prompt, max_tokens=12,
+                                         temperature=0, stream=True)
+    assert ''.join(c.choices[0].text for c in streamed) == got.choices[0].text
+  chat = client.chat.completions.create(model='tiny', max_tokens=5, temperature=0.7, seed=1,
+                                        messages=[{'role': 'user', 'content': 'hi'}])
+  assert chat.choices[0].message.role == 'assistant' and chat.usage.completion_tokens <= 5
+  pieces = client.chat.completions.create(model='tiny', max_tokens=5, temperature=0.7, seed=1,
+                                          messages=[{'role': 'user', 'content': 'hi'}], stream=True)
+  streamed = ''.join(c.choices[0].delta.content or '' for c in pieces)
+  assert streamed == chat.choices[0].message.content
+
+
+def test_logprobs_are_returned_per_token(client):
+  got = client.completions.create(model='tiny', prompt='x', max_tokens=6, temperature=1.0,
+                                  seed=5, logprobs=0)
+  lp = got.choices[0].logprobs
+  assert len(lp.token_logprobs) == got.usage.completion_tokens
+  assert all(x <= 0 for x in lp.token_logprobs)
+
+
+def test_concurrent_requests_complete_with_the_right_lengths(client, reference):
+  lengths = [12, 3, 9, 1, 7, 12]  # 6 requests over 2 slots (+2 queued: some retry on 503)
+
+  def ask(prompt, n):
+    for _ in range(100):
+      try:
+        return client.completions.create(model='tiny', prompt=prompt, max_tokens=n, temperature=0)
+      except openai.InternalServerError:  # 503 at capacity: retry, as a client should
+        time.sleep(0.2)
+    raise AssertionError('never admitted')
+
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    results = list(pool.map(ask, PROMPTS, lengths))
+  for prompt, n, got in zip(PROMPTS, lengths, results):
+    assert got.usage.completion_tokens == _expected_len(reference[prompt][1], Tokenizer.eos_id, n)
+
+
+@pytest.mark.parametrize('body, status, words', [
+    (b'{"model": "tiny", "prompt": ', 400, 'not valid JSON'),
+    ({'model': 'gpt-9', 'prompt': 'x'}, 404, 'does not exist'),
+    ({'model': 'tiny', 'prompt': 'x', 'max_tokens': 0}, 400, 'max_tokens'),
+    ({'model': 'tiny', 'prompt': 'x', 'max_tokens': -3}, 400, 'max_tokens'),
+    ({'model': 'tiny', 'prompt': 'x', 'temperature': -1}, 400, 'temperature'),
+    ({'model': 'tiny', 'prompt': 'x', 'temperature': 'hot'}, 400, 'temperature'),
+    ({'model': 'tiny', 'prompt': 'x', 'top_p': 1.5}, 400, 'top_p'),
+    ({'model': 'tiny', 'prompt': 'x', 'top_p': 0}, 400, 'top_p'),
+    ({'model': 'tiny', 'prompt': [1] * 65}, 400, 'at most 64'),
+    ({'model': 'tiny', 'prompt': [1] * 60, 'max_tokens': 100}, 400, 'maximum context length'),
+    ({'model': 'tiny', 'prompt': ''}, 400, 'prompt'),
+    ({'model': 'tiny', 'prompt': 'x', 'n': 2}, 400, 'n=2'),
+    ({'model': 'tiny', 'messages': 'hi'}, 400, 'messages'),
+])
+def test_bad_input_gets_4xx_and_the_server_keeps_answering(server, body, status, words):
+  port = server['port']
+  path = '/v1/chat/completions' if isinstance(body, dict) and 'messages' in body else \
+      '/v1/completions'
+  got, payload = _request(port, 'POST', path, body)
+  assert got == status and words in json.loads(payload)['error']['message']
+  assert _request(port, 'POST', '/v1/completions',
+                  {'model': 'tiny', 'prompt': 'x', 'max_tokens': 2})[0] == 200
+
+
+def test_api_key_is_required(server):
+  assert _request(server['port'], 'GET', '/v1/models', key=None)[0] == 401
+  assert _request(server['port'], 'GET', '/v1/models', key='wrong')[0] == 401
+
+
+def _open_stream(port, max_tokens):
+  s = socket.create_connection(('127.0.0.1', port), timeout=60)
+  body = json.dumps({'model': 'tiny', 'prompt': 'x', 'max_tokens': max_tokens, 'stream': True,
+                     'temperature': 0})
+  s.sendall(f'POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n'
+            f'Content-Length: {len(body)}\r\n\r\n{body}'.encode())
+  return s
+
+
+def test_a_full_queue_answers_503(server):
+  socks = [_open_stream(server['port'], 110) for _ in range(7)]  # capacity: 2 slots + 2 queued
+  statuses = [int(s.recv(64).split()[1]) for s in socks]
+  for s in socks:
+    s.close()
+  assert statuses.count(200) == 4 and statuses.count(503) == 3
+
+
+def test_a_disconnected_client_frees_its_slot(server, client):
+  port = server['port']
+  before = _metric(port, 'lmforge_output_tokens_total')
+  socks = [_open_stream(port, 110) for _ in range(2)]
+  for s in socks:
+    received = b''
+    while b'data:' not in received:  # Both slots are decoding.
+      received += s.recv(4096)
+    s.close()
+  deadline = time.time() + 30
+  while _metric(port, 'lmforge_active_slots') + _metric(port, 'lmforge_queue_depth') and \
+      time.time() < deadline:
+    time.sleep(0.2)
+  assert _metric(port, 'lmforge_active_slots') == 0
+  # Both slots were free again long before 2 x 110 tokens were generated.
+  assert _metric(port, 'lmforge_output_tokens_total') - before < 150
+  got = client.completions.create(model='tiny', prompt='x', max_tokens=3, temperature=0)
+  assert got.choices[0].finish_reason in ('length', 'stop')
+
+
+def test_jetstream_grpc_decode(server):
+  import grpc
+  from serving import jetstream_compat  # noqa: F401  (JetStream needs its shims first)
+  from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
+  with grpc.insecure_channel(f'127.0.0.1:{server["grpc_port"]}') as channel:
+    stub = jetstream_pb2_grpc.OrchestratorStub(channel)
+    # The second prompt is longer than the largest bucket: JetStream keeps its last tokens.
+    for ids in ([5, 6, 7], list(range(3, 103))):
+      request = jetstream_pb2.DecodeRequest(
+          token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=ids), max_tokens=4)
+      tokens = [t for r in stub.Decode(request, timeout=60) for s in r.stream_content.samples
+                for t in s.token_ids]
+      assert 1 <= len(tokens) <= 4
+  assert server['proc'].poll() is None

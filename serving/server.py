@@ -15,6 +15,7 @@ import signal
 
 from absl import app, flags
 
+from configs import entry
 from serving.engine import Engine
 from serving.http_api import OpenAIServer
 from serving.jetstream_compat import Driver, start_grpc
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  entry.run_main(main)

@@ -93,12 +93,24 @@ def test_seeded_sampling_repeats_and_stops_at_eos(engine):
 
 def test_new_params_reuse_the_compiled_steps(engine):
   offline.generate(engine, PROMPTS[:2], max_tokens=4)
-  sizes = [f._cache_size() for f in (engine._prefill, engine._insert, engine._generate)]
+  steps = (engine._prefill, engine._insert, *engine._generate.values())
+  sizes = [f._cache_size() for f in steps]
   other = nnx.state(llama.create_model(CFG, seed=2))
   first = offline.generate(engine, PROMPTS[:2], max_tokens=4)
   second = offline.generate(engine, PROMPTS[:2], params=other, max_tokens=4)
   assert [c.tokens for c in first] != [c.tokens for c in second]  # The new weights were used.
-  assert [f._cache_size() for f in (engine._prefill, engine._insert, engine._generate)] == sizes
+  assert [f._cache_size() for f in steps] == sizes
+
+
+def test_all_greedy_slots_take_the_greedy_step(engine):
+  """The host picks the compiled step: greedy-only while no inserted request samples."""
+  before = {g: f._cache_size() for g, f in engine._generate.items()}
+  offline.generate(engine, PROMPTS[:2], max_tokens=3)
+  assert not engine._sampling_slots
+  offline.generate(engine, PROMPTS[:2], max_tokens=3, sampling=SamplingParams(temperature=0.7))
+  assert engine._sampling_slots
+  after = {g: f._cache_size() for g, f in engine._generate.items()}
+  assert after[True] >= 1 and after[False] >= 1 and after[True] >= before[True]
 
 
 def test_a_full_cache_ends_the_sequence(model):

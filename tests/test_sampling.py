@@ -2,6 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from models import llama, presets
 from serving.sampling import generate
@@ -10,9 +11,13 @@ CFG = presets.resolve('tiny', dtype='float32')
 
 
 def _greedy_without_cache(model, prompt, n):
-  seq = list(prompt)
+  """Full recompute each step. The row is zero-padded to one fixed length (one compilation):
+  with causal attention the logits at the last real token ignore the padding after it."""
+  forward = nnx.jit(lambda m, x: m(x))
+  seq, width = list(prompt), len(prompt) + n
   for _ in range(n):
-    seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
+    row = jnp.asarray([seq + [0] * (width - len(seq))])
+    seq.append(int(jnp.argmax(forward(model, row)[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 

@@ -1,4 +1,5 @@
-"""The end-to-end runner: tokenizer -> pretrain -> eval -> samples (later stages extend it).
+"""The end-to-end runner: tokenizer -> pretrain -> eval -> samples -> SFT -> accuracy (later
+stages extend it).
 
   python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/demo
 
@@ -16,10 +17,11 @@ from ml_collections import config_flags
 
 from configs import entry
 from data.tokenizer import load_tokenizer
+from eval.accuracy import evaluate_accuracy
 from eval.perplexity import evaluate_perplexity
 from models import checkpoint
 from serving.sampling import generate
-from trainers import pretrain
+from trainers import pretrain, sft
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -70,6 +72,8 @@ def run(config, workdir: str) -> dict:
   report['samples'] = [{'prompt': t, 'continuation': tokenizer.decode(o)}
                        for t, o in zip(s.prompts, outs)]
 
+  rows += _sft_stage(config, workdir, pre_dir, report)
+
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2)
   print('\nSamples:')
@@ -77,8 +81,33 @@ def run(config, workdir: str) -> dict:
     print(f'--- {sample["prompt"]!r}\n{sample["prompt"]}{sample["continuation"]}')
   print(f'\nDevice: {jax.devices()[0].device_kind} x {jax.device_count()}\n')
   print(_table(rows))
-  print(f'\nEverything is in {workdir}/ (report.json, pretrain/metrics.jsonl, pretrain/tb, ...).')
+  s = report['sft']['samples'][0]
+  print(f'SFT sample: {s["question"]!r} -> {s["answer"]!r} (expected {s["expected"]})\n')
+  print(f'Everything is in {workdir}/ (report.json, pretrain/, sft/ with metrics.jsonl, tb, ...).')
   return report
+
+
+def _sft_stage(config, workdir: str, pre_dir: str, report: dict) -> list[tuple[str, str, str]]:
+  """Fine-tunes the pretrained model on arithmetic problems and scores both on held-out ones."""
+  t0 = time.time()
+  sft_dir = os.path.join(workdir, 'sft')
+  config.sft.init_from = config.sft.init_from or pre_dir
+  result = sft.run(config.sft, sft_dir)
+  if not result.completed:
+    raise SystemExit(143)
+  seconds = time.time() - t0
+  before = evaluate_accuracy(pre_dir, task_from=sft_dir)  # The same problems, pretrained model.
+  after = evaluate_accuracy(sft_dir)
+  report['sft'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
+                   'accuracy_after': after['accuracy'], 'eval_loss_before': before['eval_loss'],
+                   'eval_loss_after': after['eval_loss'], 'samples': after['samples']}
+  kind = f'LoRA rank {config.sft.lora.rank}' if config.sft.lora.rank else 'full'
+  return [('sft', 'task', f'{config.sft.data.source} ({after["problems"]} held-out problems), '
+                          f'{kind}, {result.step} steps'),
+          ('sft', 'exact-match accuracy', f'{before["accuracy"]:.0%} (pretrained) -> '
+                                          f'{after["accuracy"]:.0%}'),
+          ('sft', 'held-out answer loss', f'{before["eval_loss"]:.2f} -> {after["eval_loss"]:.2f}'),
+          ('sft', 'wall time', f'{seconds:.0f} s')]
 
 
 def main():

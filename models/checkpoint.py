@@ -6,6 +6,7 @@ are their own item so eval and serving restore them alone, straight onto their o
 asynchronous and atomic (orbax writes a temporary directory and renames it), so a crash mid-save
 never damages the newest complete checkpoint.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -84,7 +85,8 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
   """The model of a workdir at its newest (or the given) checkpoint, placed on `mesh`.
 
   config_overrides change non-architectural fields (dtype, attention, remat) for the reader.
-  Returns (model, step).
+  A LoRA/QLoRA workdir (one with models/lora.py's lora.json) gives its base with the adapters
+  merged in: a plain Llama like any other. Returns (model, step).
   """
   cfg = load_model_config(workdir, **config_overrides)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -92,6 +94,10 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
   step = ckpt.latest_step() if step is None and ckpt else step
   if ckpt is None or step is None:
     raise FileNotFoundError(f'no checkpoint under {ckpt_dir}')
+  from models import lora  # Here: qwix is only needed for adapter workdirs.
+  spec = lora.read_spec(workdir)
+  if spec is not None:
+    return _load_lora_merged(ckpt, step, spec, mesh, rules, config_overrides), step
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: Llama(cfg, rules=rules if mesh is not None else None,
                                                   rngs=nnx.Rngs(0)))
@@ -108,3 +114,16 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
       params=ocp.args.StandardRestore(target)))
   ckpt.close()
   return nnx.merge(graphdef, restored['params']), step
+
+
+def _load_lora_merged(ckpt: Checkpointer, step: int, spec, mesh, rules, config_overrides) -> Llama:
+  """The base workdir's model with the adapters of `ckpt` (adapters only) applied and merged."""
+  from models import lora
+  base, _ = load_model(spec.base, mesh=mesh, rules=rules, **config_overrides)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    model = lora.apply_lora(base, spec)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.LoRAParam)))))
+  ckpt.close()
+  nnx.update(model, restored['params'])
+  return lora.merge_lora(model, spec)

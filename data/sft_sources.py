@@ -1,0 +1,177 @@
+"""Conversations for supervised fine-tuning, by name: built-in sets or the user's JSONL.
+
+`load_sft_examples(config.data, seed)` gives (train, held_out) lists of examples
+{'messages': [...], 'answer': str | None}; `answer` is the verifiable final answer of generated
+problems (eval/accuracy.py scores it) and None for free chat. Nothing is fetched at run time:
+
+- 'basic_arithmetic', 'chain_sum', 'gsm_symbolic': reasoning-gym problems rendered as
+  instruction -> step-by-step answer ending in `#### N` (the GSM8K convention). The held-out
+  problems come from another seed, and training never sees a question that is held out.
+- 'chatterbot': the chatterbot-corpus English conversations (user and assistant alternate).
+- a path to a .jsonl file of {"messages": [{"role": ..., "content": ...}, ...]} per line.
+Several sources join with '+', e.g. 'chain_sum+chatterbot'.
+"""
+import ast
+import fractions
+import glob
+import json
+import os
+import random
+
+from data.chat import validate_messages
+
+TASKS = ('basic_arithmetic', 'chain_sum', 'gsm_symbolic')
+ANSWER_MARK = '#### '
+
+
+def final_answer(text: str) -> str | None:
+  """The answer after the last `#### ` marker, normalised (no commas, no trailing period)."""
+  if ANSWER_MARK not in text:
+    return None
+  answer = text.rsplit(ANSWER_MARK, 1)[1].strip().split('\n')[0].strip()
+  return answer.replace(',', '').rstrip('.') or None
+
+
+def _number(node) -> fractions.Fraction | None:
+  """The value of a literal (a constant or a negated constant), else None."""
+  if isinstance(node, ast.Constant):
+    return fractions.Fraction(node.value)
+  if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(
+      node.operand, ast.Constant):
+    return -fractions.Fraction(node.operand.value)
+  return None
+
+
+def _literal(value: fractions.Fraction) -> ast.expr:
+  v = int(value) if value.denominator == 1 else round(float(value), 6)
+  return ast.UnaryOp(ast.USub(), ast.Constant(-v)) if v < 0 else ast.Constant(v)
+
+
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b}
+
+
+def _reduce_once(node) -> tuple[ast.expr, bool]:
+  """Evaluates the leftmost innermost operation whose operands are literals."""
+  if _number(node) is not None:
+    return node, False
+  if isinstance(node, ast.UnaryOp):
+    inner = _number(node.operand)
+    if inner is not None:
+      return _literal(-inner if isinstance(node.op, ast.USub) else inner), True
+    node.operand, done = _reduce_once(node.operand)
+    return node, done
+  a, b = _number(node.left), _number(node.right)
+  if a is not None and b is not None:
+    return _literal(_OPS[type(node.op)](a, b)), True
+  node.left, done = _reduce_once(node.left)
+  if not done:
+    node.right, done = _reduce_once(node.right)
+  return node, done
+
+
+def arithmetic_steps(expression: str) -> list[str]:
+  """The expression, then one line per evaluated operation: ['4 - 1 - 7', '3 - 7', '-4']."""
+  tree = ast.parse(expression, mode='eval').body
+  steps = [ast.unparse(tree)]
+  while _number(tree) is None:
+    tree, _ = _reduce_once(tree)
+    steps.append(ast.unparse(tree))
+  return steps
+
+
+def _task_example(name: str, entry: dict) -> dict:
+  question, answer = entry['question'], str(entry['answer'])
+  if name == 'gsm_symbolic':
+    solution = entry['metadata']['answer_cot']
+  else:
+    steps = arithmetic_steps(entry['metadata']['expression'])
+    solution = '\n'.join([steps[0]] + [f'= {s}' for s in steps[1:]]) + f'\n{ANSWER_MARK}{answer}'
+  return {'messages': [{'role': 'user', 'content': question},
+                       {'role': 'assistant', 'content': solution}], 'answer': answer}
+
+
+def _generate(name: str, n: int, seed: int, data_config) -> list[dict]:
+  import reasoning_gym  # Imported here: it is slow to import and only generated tasks need it.
+  kwargs = {}
+  if name != 'gsm_symbolic':
+    kwargs = dict(min_terms=data_config.num_terms[0], max_terms=data_config.num_terms[1],
+                  min_digits=data_config.num_digits[0], max_digits=data_config.num_digits[1])
+  if name == 'basic_arithmetic':
+    kwargs.update(operators=tuple(data_config.operators), allow_parentheses=False,
+                  allow_negation=False)
+  return [_task_example(name, e)
+          for e in reasoning_gym.create_dataset(name, seed=seed, size=n, **kwargs)]
+
+
+def _task_split(name: str, data_config, seed: int) -> tuple[list[dict], list[dict]]:
+  held_out, seen = [], set()
+  for e in _generate(name, data_config.eval_examples, seed + 1, data_config):
+    if e['messages'][0]['content'] not in seen:
+      seen.add(e['messages'][0]['content'])
+      held_out.append(e)
+  train = [e for e in _generate(name, data_config.num_examples, seed, data_config)
+           if e['messages'][0]['content'] not in seen]
+  return train, held_out
+
+
+def chatterbot_conversations() -> list[dict]:
+  import chatterbot_corpus
+  import yaml
+  root = os.path.join(os.path.dirname(chatterbot_corpus.__file__), 'data', 'english')
+  examples = []
+  for path in sorted(glob.glob(os.path.join(root, '*.yml'))):
+    with open(path, encoding='utf-8') as f:
+      for turns in yaml.safe_load(f).get('conversations', []):
+        roles = ('user', 'assistant')
+        messages = [{'role': roles[i % 2], 'content': str(t)} for i, t in enumerate(turns)]
+        if len(messages) >= 2:
+          examples.append({'messages': messages, 'answer': None})
+  return examples
+
+
+def jsonl_conversations(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'data.source={path!r}: no such file (and not a built-in name: '
+                            f"{TASKS + ('chatterbot',)})")
+  examples = []
+  with open(path, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_no}: not JSON ({e})') from e
+      messages = validate_messages(record.get('messages') if isinstance(record, dict) else None,
+                                   where=f'{path}:{line_no} "messages"')
+      if not any(m['role'] == 'assistant' for m in messages):
+        raise ValueError(f'{path}:{line_no}: no assistant turn to train on')
+      examples.append({'messages': messages, 'answer': record.get('answer')})
+  if not examples:
+    raise ValueError(f'{path}: no conversations')
+  return examples
+
+
+def _random_split(examples, eval_fraction, seed):
+  order = list(range(len(examples)))
+  random.Random(seed).shuffle(order)
+  n_eval = max(1, round(len(examples) * eval_fraction)) if eval_fraction > 0 else 0
+  return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def load_sft_examples(data_config, seed: int) -> tuple[list[dict], list[dict]]:
+  """(train, held_out) examples of data_config.source, both in a seeded random order."""
+  train, held_out = [], []
+  for name in data_config.source.split('+'):
+    if name in TASKS:
+      t, h = _task_split(name, data_config, seed)
+    else:
+      convs = chatterbot_conversations() if name == 'chatterbot' else jsonl_conversations(name)
+      t, h = _random_split(convs, data_config.eval_fraction, seed)
+    train += t
+    held_out += h
+  rng = random.Random(seed)
+  rng.shuffle(train)
+  rng.shuffle(held_out)
+  return train, held_out

@@ -1,0 +1,137 @@
+"""Supervised fine-tuning on conversations: full parameters, LoRA or QLoRA.
+
+  python -m trainers.sft --config=configs/sft.py:tiny --workdir=runs/sft --config.init_from=runs/pre
+  python -m trainers.sft --config=configs/lora.py:tiny ...    (adapters only)
+  python -m trainers.sft --config=configs/qlora.py:tiny ...   (adapters over an NF4 base)
+
+Conversations are rendered with the chat template (data/chat.py) and packed several to a row,
+kept apart by segment ids. The loss is the cross-entropy of the assistant tokens only,
+    L = -1/N * sum_{t : assistant token} log p(x_{t+1} | x_{<=t}),
+where "assistant token" means the content and end-of-turn token of every assistant turn (the
+loss mask). With lora.rank > 0 the base is frozen (quantized to NF4 for QLoRA) and only the
+adapters are trained and checkpointed (models/lora.py); `models.checkpoint.load_model` merges them
+back into a plain model for eval, serving and later stages. Everything else (optimizer,
+resumption, metrics) is the shared loop's.
+"""
+import dataclasses
+import os
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from data import chat, sft_sources
+from models import checkpoint, lora
+from models.losses import token_cross_entropy
+from trainers import cli, common, loop
+
+
+@dataclasses.dataclass
+class SFTData:
+  tokenizer: object
+  train_rows: dict  # [N, seq_len] arrays (data/chat.py pack_conversations)
+  eval_rows: dict | None
+  n_train: int  # Conversations.
+  n_eval: int
+
+
+def prepare_data(config: ml_collections.ConfigDict, tokenizer) -> SFTData:
+  train, held_out = sft_sources.load_sft_examples(config.data, config.seed)
+  encode = lambda examples: [chat.encode_conversation(tokenizer, e['messages']) for e in examples]
+  train_rows = chat.pack_conversations(encode(train), config.data.seq_len, tokenizer.pad_id)
+  eval_rows = (chat.pack_conversations(encode(held_out), config.data.seq_len, tokenizer.pad_id)
+               if held_out else None)
+  print(f'SFT data {config.data.source!r}: {len(train)} training conversations in '
+        f'{len(train_rows["inputs"])} rows, {len(held_out)} held out.')
+  return SFTData(tokenizer, train_rows, eval_rows, len(train), len(held_out))
+
+
+def row_iterator(rows: dict, *, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+  """An endless, checkpointable iterator over shuffled batches of packed rows (reshuffled every
+  epoch); each process reads every process_count-th row."""
+  records = [{k: v[i] for k, v in rows.items()} for i in range(len(rows['inputs']))]
+  ds = grain.MapDataset.source(records)[process_index::process_count].shuffle(seed)
+  ds = ds.repeat().batch(batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def eval_batches(rows: dict, *, batch_size: int, max_batches: int) -> list[dict]:
+  """The first max_batches batches of rows, the last one padded with empty rows (loss mask 0)."""
+  n = min(len(rows['inputs']), batch_size * max_batches)
+  n_batches = -(-n // batch_size)
+  padded = {k: np.zeros((n_batches * batch_size,) + v.shape[1:], v.dtype) for k, v in rows.items()}
+  for k, v in rows.items():
+    padded[k][:n] = v[:n]
+  return [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in padded.items()}
+          for i in range(n_batches)]
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
+  l = config.lora
+  if l.rank == 0:
+    return None
+  return lora.LoraSpec(base=os.path.abspath(config.init_from), rank=l.rank, alpha=l.alpha,
+                       dropout=l.dropout, target=l.target, weight_qtype=l.weight_qtype,
+                       tile_size=l.tile_size)
+
+
+def frozen_base(config: ml_collections.ConfigDict, model_cfg, mesh):
+  """init_from's final model. Adapter runs load it on every start, resumed ones included: their
+  checkpoints hold only the adapters."""
+  model, _ = checkpoint.load_model(
+      config.init_from, mesh=mesh, rules=config.sharding_rules, max_seq_len=model_cfg.max_seq_len,
+      **{k: getattr(model_cfg, k) for k in common.RUNTIME_FIELDS})
+  return model
+
+
+def make_loss(spec: lora.LoraSpec | None):
+  def sft_loss(model, batch, rng):
+    if spec is not None and spec.dropout > 0:
+      lora.set_dropout_rng(model, rng)
+    logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    loss_sum, count, correct = token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
+    return loss_sum, count, {'accuracy': correct}
+  return sft_loss
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
+  if not config.init_from:
+    raise ValueError('SFT starts from a pretrained model: set --config.init_from=WORKDIR')
+  spec = lora_spec(config)
+  tokenizer = common.tokenizer_for(config, workdir)
+  data = prepare_data(config, tokenizer)
+  model_cfg = common.model_config(config, tokenizer.vocab_size)
+  mesh = common.mesh_from_config(config)
+  n_proc = jax.process_count()
+  if config.train.batch_size % n_proc:
+    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
+                     f'{n_proc} processes')
+  per_process = config.train.batch_size // n_proc
+  train_iter = row_iterator(data.train_rows, batch_size=per_process, seed=config.seed,
+                            process_index=jax.process_index(), process_count=n_proc)
+  held_out = None
+  if data.eval_rows is not None and config.train.eval_batches:
+    held_out = eval_batches(data.eval_rows, batch_size=per_process,
+                            max_batches=config.train.eval_batches)
+
+  if spec is None:
+    common.write_workdir(config, workdir, tokenizer, model_cfg)
+    model, trainable = common.initial_model(config, workdir, model_cfg, mesh), nnx.Param
+  else:
+    base = frozen_base(config, model_cfg, mesh)
+    common.write_workdir(config, workdir, tokenizer, model_cfg)
+    lora.save_spec(workdir, spec)
+    with jax.set_mesh(mesh):
+      model, trainable = lora.apply_lora(base, spec, seed=config.seed), nnx.LoRAParam
+  n_trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable)))
+  kind = 'full' if spec is None else f'LoRA rank {spec.rank} {spec.weight_qtype}'.strip()
+  print(f'Model of {model_cfg.num_params():,} parameters, {n_trainable:,} trainable ({kind}).')
+  return loop.train(config, workdir, model, make_loss(spec), train_iter, held_out, mesh=mesh,
+                    rules=config.sharding_rules, trainable=trainable)
+
+
+if __name__ == '__main__':
+  cli.run_stage(run, 'configs/sft.py:tiny')

@@ -13,7 +13,6 @@ floor is the bytes a step must read (weights + every slot's whole cache) at DESI
 """
 import argparse
 import dataclasses
-import functools
 import json
 import time
 

@@ -85,18 +85,17 @@ class PackedRows:
     }
 
 
-def make_train_iterator(stream: TokenStream, *, seq_len: int, batch_size: int, seed: int,
-                        shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-                        worker_count: int = 0, prefetch_buffer_size: int = 0):
+def make_train_iterator(rows, *, batch_size: int, seed: int, shuffle: bool = True,
+                        process_index: int = 0, process_count: int = 1, worker_count: int = 0,
+                        prefetch_buffer_size: int = 0):
   """An endless, checkpointable iterator over batches of `batch_size` rows (per process).
 
-  Each process reads its own rows (every `process_count`-th one), reshuffled every epoch; the
-  same seed always gives the same batches.
+  `rows` is any random-access source of row dicts: `PackedRows` for pretraining, packed
+  conversations for SFT. Each process reads its own rows (every `process_count`-th one),
+  reshuffled every epoch; the same seed always gives the same batches.
   """
-  rows = PackedRows(stream, seq_len)
   if len(rows) < process_count:
-    raise ValueError(f'{len(rows)} rows of seq_len={seq_len} are too few to give each of '
-                     f'{process_count} processes one')
+    raise ValueError(f'{len(rows)} rows are too few to give each of {process_count} processes one')
   ds = grain.MapDataset.source(rows)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed)

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from models.llama import Llama
+from models.llama import Llama, abstract_model
 from models.presets import LlamaConfig
 
 ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM')
@@ -145,21 +145,6 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
       raise FileNotFoundError(f'{path} (listed in {os.path.basename(index)}) is missing')
     tensors.update(_map_safetensors(path))
   return tensors
-
-
-def abstract_model(cfg: LlamaConfig, mesh=None, rules=None):
-  """(graphdef, abstract params, NamedShardings) of the model, allocating nothing."""
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rules=rules if mesh is not None else None,
-                                            rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  if mesh is not None:
-    from models.sharding import named_shardings
-    shardings = named_shardings(nnx.get_partition_spec(state), mesh, rules)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, state)
-  return graphdef, state, shardings
 
 
 def load_params(cfg: LlamaConfig, tensors: dict, *, mesh=None, rules=None) -> Llama:

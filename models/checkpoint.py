@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 import orbax.checkpoint as ocp
 
-from models.llama import Llama
+from models.llama import Llama, abstract_model
 from models.presets import LlamaConfig
 
 MODEL_CONFIG_FILE = 'model.json'
@@ -98,16 +98,7 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
   spec = lora.read_spec(workdir)
   if spec is not None:
     return _load_lora_merged(ckpt, step, spec, mesh, rules, config_overrides), step
-  with nnx.use_eager_sharding(False):
-    abstract_model = nnx.eval_shape(lambda: Llama(cfg, rules=rules if mesh is not None else None,
-                                                  rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  if mesh is not None:
-    from models.sharding import named_shardings
-    shardings = named_shardings(nnx.get_partition_spec(abstract_params), mesh, rules)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract_params)
+  graphdef, abstract_params, shardings = abstract_model(cfg, mesh, rules)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract_params, shardings)
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(

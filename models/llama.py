@@ -190,31 +190,42 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> Cache:
   return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
+def abstract_model(cfg: LlamaConfig, mesh=None, rules: Rules | None = None):
+  """(graphdef, abstract state, NamedShardings) of the model, allocating nothing. Without a mesh
+  every parameter goes to the default device."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rules=rules if mesh is not None else None,
+                                            rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  if mesh is not None:
+    shardings = named_shardings(nnx.get_partition_spec(state), mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, state)
+  return graphdef, state, shardings
+
+
 def create_model(cfg: LlamaConfig, *, seed: int, mesh=None, rules: Rules | None = None) -> Llama:
   """Initialises the model with every parameter placed on `mesh` as `rules` say.
 
   Parameters are created inside one jit whose out_shardings come from their logical names, so no
   host ever holds the whole model. Without a mesh the model lives on the default device.
   """
-  make = functools.partial(Llama, cfg, rules=rules if mesh is not None else None)
+  rules = rules if mesh is not None else None
   # Same random numbers, but a GPU kernel instead of inlined threefry: without it XLA took ~3 min
   # to compile the 374m initialiser on an H100 (bench/RESULTS.md).
   jax.config.update('jax_threefry_gpu_kernel_lowering', True)
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = None
-    if mesh is not None:
-      shardings = named_shardings(nnx.get_partition_spec(abstract_state), mesh, rules)
+  graphdef, _, shardings = abstract_model(cfg, mesh, rules)
 
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init():
-      return nnx.state(make(rngs=nnx.Rngs(seed)))
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    with nnx.use_eager_sharding(False):
+      return nnx.state(Llama(cfg, rules=rules, rngs=nnx.Rngs(seed)))
 
-    if mesh is None:
-      return nnx.merge(graphdef, init())
-    with jax.set_mesh(mesh):
-      return nnx.merge(graphdef, init())
+  if mesh is None:
+    return nnx.merge(graphdef, init())
+  with jax.set_mesh(mesh):
+    return nnx.merge(graphdef, init())
 
 
 def param_shardings(model: Llama, mesh, rules: Rules):

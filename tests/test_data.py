@@ -267,21 +267,23 @@ def test_packed_rows_invariants_on_a_random_stream():
 def test_train_iterator_is_seeded_and_reshuffles_every_epoch():
   stream = hand_stream([10] * 8)  # 79 // 4 = 19 rows
   def first_rows(seed, n):
-    it = pipeline.make_train_iterator(stream, seq_len=4, batch_size=1, seed=seed)
+    it = pipeline.make_train_iterator(pipeline.PackedRows(stream, 4), batch_size=1,
+                                      seed=seed)
     return row_ids(next(it) for _ in range(n))
   epochs = first_rows(0, 38)
   assert sorted(epochs[:19]) == sorted(epochs[19:]) == list(range(19))
   assert epochs[:19] != epochs[19:] and epochs[:19] != list(range(19))
   assert first_rows(0, 38) == epochs and first_rows(1, 38) != epochs
-  it = pipeline.make_train_iterator(stream, seq_len=4, batch_size=1, seed=0, shuffle=False)
+  it = pipeline.make_train_iterator(pipeline.PackedRows(stream, 4), batch_size=1, seed=0,
+                                    shuffle=False)
   assert row_ids(next(it) for _ in range(21)) == list(range(19)) + [0, 1]
 
 
 @pytest.mark.parametrize('prefetch_buffer_size', [0, 4])
 def test_train_iterator_resumes_exactly(prefetch_buffer_size):
   stream = hand_stream([7, 30, 12, 50, 3, 40])
-  make = lambda: pipeline.make_train_iterator(stream, seq_len=8, batch_size=3, seed=5,
-                                              prefetch_buffer_size=prefetch_buffer_size)
+  make = lambda: pipeline.make_train_iterator(pipeline.PackedRows(stream, 8), batch_size=3,
+                                              seed=5, prefetch_buffer_size=prefetch_buffer_size)
   it = make()
   for _ in range(7):  # past the end of the first epoch (17 rows)
     next(it)
@@ -297,7 +299,8 @@ def test_train_iterator_resumes_exactly(prefetch_buffer_size):
 
 def test_train_iterator_checkpoints_with_orbax(tmp_path):
   stream = hand_stream([25] * 10)
-  make = lambda: pipeline.make_train_iterator(stream, seq_len=16, batch_size=2, seed=0)
+  make = lambda: pipeline.make_train_iterator(pipeline.PackedRows(stream, 16), batch_size=2,
+                                              seed=0)
   it = make()
   next(it), next(it)
   with ocp.CheckpointManager(tmp_path) as mngr:
@@ -313,8 +316,8 @@ def test_train_iterator_with_worker_processes_matches_in_process():
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; trainers parse them in app.run
   stream = hand_stream([9] * 20)
-  make = lambda workers: pipeline.make_train_iterator(stream, seq_len=4, batch_size=2, seed=3,
-                                                      worker_count=workers)
+  make = lambda workers: pipeline.make_train_iterator(pipeline.PackedRows(stream, 4),
+                                                      batch_size=2, seed=3, worker_count=workers)
   it = make(0)
   expected = row_ids(next(it) for _ in range(6))  # 12 rows
   it = make(2)
@@ -329,14 +332,14 @@ def test_processes_read_disjoint_rows_that_cover_the_stream():
   stream = hand_stream([13] * 10)  # 129 // 8 = 16 rows
   seen = []
   for process in range(2):
-    it = pipeline.make_train_iterator(stream, seq_len=8, batch_size=1, seed=0,
+    it = pipeline.make_train_iterator(pipeline.PackedRows(stream, 8), batch_size=1, seed=0,
                                       process_index=process, process_count=2)
     seen.append(row_ids(next(it) for _ in range(8)))
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == list(range(16))
   with pytest.raises(ValueError, match='3 processes'):
-    pipeline.make_train_iterator(hand_stream([9]), seq_len=4, batch_size=1, seed=0,
-                                 process_index=2, process_count=3)
+    pipeline.make_train_iterator(pipeline.PackedRows(hand_stream([9]), 4), batch_size=1,
+                                 seed=0, process_index=2, process_count=3)
 
 
 def test_eval_batches_are_the_first_rows_in_order():

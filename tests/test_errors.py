@@ -91,7 +91,8 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   from models import llama
   from trainers import common
   model_cfg = common.model_config(config, data.tokenizer.vocab_size)
-  batches = pipeline.make_train_iterator(data.train, seq_len=64, batch_size=4, seed=0)
+  batches = pipeline.make_train_iterator(pipeline.PackedRows(data.train, 64), batch_size=4,
+                                         seed=0)
 
   def poisoned():
     for i, batch in enumerate(batches):

@@ -1,6 +1,5 @@
 """Batched KV-cache generation equals decoding each prompt alone without a cache."""
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -79,15 +79,20 @@ def write_workdir(config: ml_collections.ConfigDict, workdir: str, tokenizer,
     save_tokenizer(tokenizer, workdir)
 
 
+def load_init_from(config: ml_collections.ConfigDict, model_cfg: presets.LlamaConfig,
+                   mesh) -> Llama:
+  """init_from's final model on the mesh, run as model_cfg says (dtype, remat, attention)."""
+  model, step = checkpoint.load_model(
+      config.init_from, mesh=mesh, rules=config.sharding_rules, max_seq_len=model_cfg.max_seq_len,
+      **{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})
+  print(f'Initialised from {config.init_from} (step {step}).')
+  return model
+
+
 def initial_model(config: ml_collections.ConfigDict, workdir: str,
                   model_cfg: presets.LlamaConfig, mesh) -> Llama:
   """A fresh model, or init_from's final parameters, on the mesh. (A resumed run then overwrites
   these from its own checkpoint in the loop.)"""
-  rules = config.sharding_rules
   if not config.init_from or os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return create_model(model_cfg, seed=config.seed, mesh=mesh, rules=rules)
-  model, step = checkpoint.load_model(
-      config.init_from, mesh=mesh, rules=rules, max_seq_len=model_cfg.max_seq_len,
-      **{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})
-  print(f'Initialised from {config.init_from} (step {step}).')
-  return model
+    return create_model(model_cfg, seed=config.seed, mesh=mesh, rules=config.sharding_rules)
+  return load_init_from(config, model_cfg, mesh)

@@ -55,7 +55,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
     raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
                      f'{n_proc} processes')
   train_iter = pipeline.make_train_iterator(
-      data.train, seq_len=config.data.seq_len, batch_size=config.train.batch_size // n_proc,
+      pipeline.PackedRows(data.train, config.data.seq_len),
+      batch_size=config.train.batch_size // n_proc,
       seed=config.seed, process_index=jax.process_index(), process_count=n_proc,
       worker_count=config.data.worker_count)
   eval_batches = None

@@ -16,14 +16,13 @@ resumption, metrics) is the shared loop's.
 import dataclasses
 import os
 
-import grain
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from data import chat, sft_sources
-from models import checkpoint, lora
+from data import chat, pipeline, sft_sources
+from models import lora
 from models.losses import token_cross_entropy
 from trainers import cli, common, loop
 
@@ -48,16 +47,6 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer) -> SFTData:
   return SFTData(tokenizer, train_rows, eval_rows, len(train), len(held_out))
 
 
-def row_iterator(rows: dict, *, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1):
-  """An endless, checkpointable iterator over shuffled batches of packed rows (reshuffled every
-  epoch); each process reads every process_count-th row."""
-  records = [{k: v[i] for k, v in rows.items()} for i in range(len(rows['inputs']))]
-  ds = grain.MapDataset.source(records)[process_index::process_count].shuffle(seed)
-  ds = ds.repeat().batch(batch_size, drop_remainder=True)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
-
-
 def eval_batches(rows: dict, *, batch_size: int, max_batches: int) -> list[dict]:
   """The first max_batches batches of rows, the last one padded with empty rows (loss mask 0)."""
   n = min(len(rows['inputs']), batch_size * max_batches)
@@ -76,15 +65,6 @@ def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
   return lora.LoraSpec(base=os.path.abspath(config.init_from), rank=l.rank, alpha=l.alpha,
                        dropout=l.dropout, target=l.target, weight_qtype=l.weight_qtype,
                        tile_size=l.tile_size)
-
-
-def frozen_base(config: ml_collections.ConfigDict, model_cfg, mesh):
-  """init_from's final model. Adapter runs load it on every start, resumed ones included: their
-  checkpoints hold only the adapters."""
-  model, _ = checkpoint.load_model(
-      config.init_from, mesh=mesh, rules=config.sharding_rules, max_seq_len=model_cfg.max_seq_len,
-      **{k: getattr(model_cfg, k) for k in common.RUNTIME_FIELDS})
-  return model
 
 
 def make_loss(spec: lora.LoraSpec | None):
@@ -110,8 +90,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
     raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
                      f'{n_proc} processes')
   per_process = config.train.batch_size // n_proc
-  train_iter = row_iterator(data.train_rows, batch_size=per_process, seed=config.seed,
-                            process_index=jax.process_index(), process_count=n_proc)
+  rows = [{k: v[i] for k, v in data.train_rows.items()}
+          for i in range(len(data.train_rows['inputs']))]
+  train_iter = pipeline.make_train_iterator(
+      rows, batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
+      process_count=n_proc, worker_count=config.data.worker_count)
   held_out = None
   if data.eval_rows is not None and config.train.eval_batches:
     held_out = eval_batches(data.eval_rows, batch_size=per_process,
@@ -121,7 +104,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
     common.write_workdir(config, workdir, tokenizer, model_cfg)
     model, trainable = common.initial_model(config, workdir, model_cfg, mesh), nnx.Param
   else:
-    base = frozen_base(config, model_cfg, mesh)
+    # The frozen base is loaded on every start, resumed ones included: an adapter run's
+    # checkpoints hold only the adapters.
+    base = common.load_init_from(config, model_cfg, mesh)
     common.write_workdir(config, workdir, tokenizer, model_cfg)
     lora.save_spec(workdir, spec)
     with jax.set_mesh(mesh):

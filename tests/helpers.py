@@ -5,13 +5,15 @@ import os
 from configs import pretrain
 
 
-def tiny_config(**overrides):
-  """The `tiny` pretraining preset in float32 on one device, with dotted-key overrides."""
-  c = pretrain.get_config('tiny')
+def tiny_config(config_module=pretrain, **overrides):
+  """A config module's `tiny` preset in float32 on one device, locked (like the command line: a
+  key that does not exist is an error), with dotted-key overrides: tiny_config(**{'a.b': 1})."""
+  c = config_module.get_config('tiny')
   c.model.dtype = 'float32'
   c.mesh.data = 1
-  c.data.max_chars = 200_000
-  c.lock()  # Like the command line: a key that does not exist is an error.
+  if config_module is pretrain:
+    c.data.max_chars = 200_000
+  c.lock()
   for key, value in overrides.items():
     node = c
     *path, last = key.split('.')

@@ -34,21 +34,9 @@ def pretrained(tmp_path_factory):
 
 
 def _sft_config(preset_module, pretrained, **overrides):
-  c = preset_module.get_config('tiny')
-  c.model.dtype = 'float32'
-  c.mesh.data = 1
-  c.init_from = pretrained
-  c.data.num_examples = 400
-  c.train.steps = 20
-  c.train.log_every = 5
-  c.train.eval_batches = 1
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    setattr(node, last, value)
-  return c
+  return tiny_config(preset_module, **{'init_from': pretrained, 'data.num_examples': 400,
+                                       'train.steps': 20, 'train.log_every': 5,
+                                       'train.eval_batches': 1, **overrides})
 
 
 def test_lora_at_init_is_the_base_model():

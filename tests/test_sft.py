@@ -11,16 +11,7 @@ from trainers import pretrain, sft
 
 
 def _config(**overrides):
-  c = sft_config.get_config('tiny')
-  c.model.dtype = 'float32'
-  c.mesh.data = 1
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    setattr(node, last, value)
-  return c
+  return tiny_config(sft_config, **overrides)
 
 
 def test_sft_needs_a_model_to_start_from(tmp_path):

@@ -14,10 +14,10 @@ Several sources join with '+', e.g. 'chain_sum+chatterbot'.
 import ast
 import fractions
 import glob
-import json
 import os
 import random
 
+from data import sources
 from data.chat import validate_messages
 
 TASKS = ('basic_arithmetic', 'chain_sum', 'gsm_symbolic')
@@ -135,19 +135,12 @@ def jsonl_conversations(path: str) -> list[dict]:
     raise FileNotFoundError(f'data.source={path!r}: no such file (and not a built-in name: '
                             f"{TASKS + ('chatterbot',)})")
   examples = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_no}: not JSON ({e})') from e
-      messages = validate_messages(record.get('messages') if isinstance(record, dict) else None,
-                                   where=f'{path}:{line_no} "messages"')
-      if not any(m['role'] == 'assistant' for m in messages):
-        raise ValueError(f'{path}:{line_no}: no assistant turn to train on')
-      examples.append({'messages': messages, 'answer': record.get('answer')})
+  for line_no, record in sources.read_jsonl(path):
+    messages = validate_messages(record.get('messages') if isinstance(record, dict) else None,
+                                 where=f'{path}:{line_no} "messages"')
+    if not any(m['role'] == 'assistant' for m in messages):
+      raise ValueError(f'{path}:{line_no}: no assistant turn to train on')
+    examples.append({'messages': messages, 'answer': record.get('answer')})
   if not examples:
     raise ValueError(f'{path}: no conversations')
   return examples

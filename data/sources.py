@@ -133,16 +133,28 @@ def split_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
   return [doc.strip('\n') for doc in docs]
 
 
-def _jsonl_docs(text: str, path: pathlib.Path, text_key: str) -> list[str]:
-  docs = []
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+  """(line number, record) for each non-blank line of a JSONL file; undecodable bytes are
+  replaced (and logged), and a line that is not JSON is an error naming the file and line."""
+  text, replaced = _decode(pathlib.Path(path).read_bytes())
+  if replaced:
+    log.warning('%s: %d invalid UTF-8 byte sequences were replaced by U+FFFD', path, replaced)
+  yield from _jsonl_records(text, path)
+
+
+def _jsonl_records(text: str, path) -> Iterator[tuple[int, object]]:
   # Split on '\n' only: str.splitlines would also split on U+2028 inside JSON strings.
   for n, line in enumerate(text.split('\n'), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}, line {n}: not valid JSON ({e})') from None
+    if line.strip():
+      try:
+        yield n, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}, line {n}: not valid JSON ({e})') from None
+
+
+def _jsonl_docs(text: str, path: pathlib.Path, text_key: str) -> list[str]:
+  docs = []
+  for n, record in _jsonl_records(text, path):
     if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
       raise ValueError(f'{path}, line {n}: no string field {text_key!r} (set data.text_key)')
     docs.append(record[text_key])

@@ -66,9 +66,13 @@ def config_from_hf(hf: dict) -> LlamaConfig:
   # transformers 5 nests theta and scaling in rope_parameters; older files keep them top level.
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  if rope_type != 'default':
-    raise ValueError(f'unsupported rope scaling {rope_type!r} (e.g. Llama 3.1 "llama3"): '
-                     'models/llama.py implements plain RoPE only')
+  if rope_type not in ('default', 'llama3'):
+    raise ValueError(f'unsupported rope scaling {rope_type!r}: models/llama.py implements plain '
+                     'RoPE and Llama 3.1\'s "llama3" scaling')
+  scaling = None
+  if rope_type == 'llama3':
+    scaling = (float(rope['factor']), float(rope['low_freq_factor']),
+               float(rope['high_freq_factor']), int(rope['original_max_position_embeddings']))
   d, n_heads = hf['hidden_size'], hf['num_attention_heads']
   if hf.get('head_dim') not in (None, d // n_heads):
     raise ValueError(f'unsupported head_dim={hf["head_dim"]}: the model needs hidden_size / '
@@ -84,15 +88,22 @@ def config_from_hf(hf: dict) -> LlamaConfig:
       n_kv_heads=hf.get('num_key_value_heads') or n_heads, d_ff=hf['intermediate_size'],
       rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0))),
       max_seq_len=max_len, tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      qkv_bias=arch == 'Qwen2ForCausalLM', norm_eps=hf.get('rms_norm_eps', 1e-6))
+      qkv_bias=arch == 'Qwen2ForCausalLM', norm_eps=hf.get('rms_norm_eps', 1e-6),
+      rope_scaling=scaling)
 
 
 def config_to_hf(cfg: LlamaConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict:
   """The transformers config.json of our model: a Qwen2 when it has q/k/v biases, else a Llama."""
   arch, model_type = ('Qwen2ForCausalLM', 'qwen2') if cfg.qkv_bias else ('LlamaForCausalLM',
                                                                          'llama')
+  rope_scaling = None
+  if cfg.rope_scaling is not None:
+    factor, low, high, context = cfg.rope_scaling
+    rope_scaling = {'rope_type': 'llama3', 'factor': factor, 'low_freq_factor': low,
+                    'high_freq_factor': high, 'original_max_position_embeddings': context}
   return {
       'architectures': [arch], 'model_type': model_type, 'hidden_act': 'silu',
+      'rope_scaling': rope_scaling,
       'vocab_size': cfg.vocab_size, 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.n_layers,
       'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.n_kv_heads,
       'head_dim': cfg.head_dim, 'intermediate_size': cfg.d_ff, 'rms_norm_eps': cfg.norm_eps,

@@ -38,10 +38,23 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
+  """inv_freq_i = theta^(-2i/h); with Llama 3.1 scaling (factor f, low/high frequency factors l
+  and u, original context C) wavelengths 2pi/inv_freq above C/l are divided by f, those below
+  C/u kept, and those between interpolated by s = (C/wavelength - l) / (u - l):
+  inv_freq' = (1 - s) * inv_freq / f + s * inv_freq."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  factor, low, high, context = scaling
+  wavelength = 2 * jnp.pi / inv_freq
+  smooth = jnp.clip((context / wavelength - low) / (high - low), 0.0, 1.0)
+  return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary embedding, half-split layout (as in Hugging Face Llama). x: [B, T, N, H]."""
-  h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -78,7 +91,8 @@ class Attention(nnx.Module):
     q = constrain(self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim), heads, self.rules)
     k = self.wk(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = self.wv(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+    k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
     if cache is None:
       # Packed rows: a token sees earlier tokens of its own document only.

@@ -18,6 +18,9 @@ class LlamaConfig:
   max_seq_len: int = 2048  # Longest sequence (training row or prompt + generation) allowed.
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Biases on the q/k/v projections (Qwen2).
+  # Llama 3.1's frequency-dependent RoPE scaling: (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings), or None for plain RoPE.
+  rope_scaling: tuple[float, float, float, int] | None = None
   norm_eps: float = 1e-5
   dtype: str = 'bfloat16'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of the weights.
@@ -25,6 +28,11 @@ class LlamaConfig:
   attention: str = 'auto'  # 'auto', 'xla' or 'cudnn'.
 
   def __post_init__(self):
+    if self.rope_scaling is not None:  # model.json stores a list; the config must stay hashable.
+      object.__setattr__(self, 'rope_scaling', tuple(self.rope_scaling))
+      if len(self.rope_scaling) != 4:
+        raise ValueError(f'rope_scaling={self.rope_scaling}: expected (factor, low_freq_factor, '
+                         'high_freq_factor, original_max_position_embeddings)')
     if self.d_model % self.n_heads:
       raise ValueError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}')
     if self.n_heads % self.n_kv_heads:
@@ -58,7 +66,8 @@ PRESETS = {
                         d_ff=2816, max_seq_len=2048),
     # Llama 3.2 1B.
     '1b': LlamaConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                      d_ff=8192, rope_theta=500_000.0, max_seq_len=8192, tie_embeddings=True),
+                      d_ff=8192, rope_theta=500_000.0, max_seq_len=8192, tie_embeddings=True,
+                      rope_scaling=(32.0, 1.0, 4.0, 8192)),
     'llama3_8b': LlamaConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                              d_ff=14336, rope_theta=500_000.0, max_seq_len=8192),
     'llama3_70b': LlamaConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,

@@ -48,6 +48,11 @@ def _hf_model(directory, kind):
   if kind == 'qwen2':  # q/k/v biases, tied embeddings.
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         **SHAPE, tie_word_embeddings=True, rope_theta=1e4))
+  elif kind == 'llama31':  # Llama 3.1's frequency-dependent RoPE scaling.
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SHAPE, rope_parameters=dict(rope_type='llama3', rope_theta=5e5, factor=4.0,
+                                      low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=16)))
   else:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **SHAPE, tie_word_embeddings=kind == 'llama_tied', rope_theta=5e5))
@@ -73,13 +78,14 @@ def _flat_params(model):
   return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize('kind', ['llama', 'qwen2', 'llama_tied'])
+@pytest.mark.parametrize('kind', ['llama', 'qwen2', 'llama_tied', 'llama31'])
 def test_hf_import_matches_transformers_logits(tmp_path, kind):
   ref = _hf_model(tmp_path / 'hf', kind)
   import_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'run'))
   model, step = load_model(str(tmp_path / 'run'), dtype='float32')
   assert step == 0 and model.cfg.qkv_bias == (kind == 'qwen2')
-  assert model.cfg.tie_embeddings == (kind != 'llama')
+  assert model.cfg.tie_embeddings == (kind in ('qwen2', 'llama_tied'))
+  assert (model.cfg.rope_scaling is not None) == (kind == 'llama31')
   np.testing.assert_allclose(_our_logits(model), _torch_logits(ref), atol=1e-4, rtol=1e-4)
 
   tok = load_tokenizer(str(tmp_path / 'run'))
@@ -100,7 +106,7 @@ def test_import_places_each_tensor_on_the_mesh(tmp_path):
   np.testing.assert_allclose(_our_logits(model), _torch_logits(ref), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('kind', ['llama', 'qwen2'])
+@pytest.mark.parametrize('kind', ['llama', 'qwen2', 'llama31'])
 def test_export_round_trips_and_loads_in_transformers(tmp_path, kind):
   _hf_model(tmp_path / 'hf', kind)
   import_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'run'))
@@ -207,8 +213,8 @@ def test_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
     read_source(hf)
   _edit_config(hf, architectures=['LlamaForCausalLM'],
-               rope_parameters={'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0})
-  with pytest.raises(ValueError, match="unsupported rope scaling 'llama3'"):
+               rope_parameters={'rope_type': 'yarn', 'rope_theta': 5e5, 'factor': 8.0})
+  with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
     read_source(hf)
   _edit_config(hf, rope_parameters={'rope_type': 'default', 'rope_theta': 5e5},
                intermediate_size=64)

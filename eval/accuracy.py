@@ -26,7 +26,7 @@ from data.tokenizer import load_tokenizer
 from eval.perplexity import load_run_config
 from models import checkpoint
 from models.losses import token_cross_entropy
-from serving.sampling import generate
+from serving import offline
 
 
 def task_config(workdir: str, task_from: str = ''):
@@ -50,18 +50,18 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', num_problems: int = 
   problems = problems[:num_problems or config.eval.num_problems]
   eot = chat.end_of_turn_id(tokenizer)
 
+  # One engine for every problem: its slots are refilled as answers finish (serving/offline.py).
+  prompts = [chat.apply_chat_template(tokenizer, e['messages'][:-1]) for e in problems]
+  n_new = config.eval.max_new_tokens
+  outs = offline.generate(offline.engine_for(model, prompts, n_new, max_slots=batch_size),
+                          prompts, max_tokens=n_new, eos_id=eot)
   correct, samples = 0, []
-  for start in range(0, len(problems), batch_size):
-    chunk = problems[start:start + batch_size]
-    prompts = [chat.apply_chat_template(tokenizer, e['messages'][:-1]) for e in chunk]
-    outs = generate(model, prompts, max_new_tokens=config.eval.max_new_tokens, eos_id=eot)
-    for e, out in zip(chunk, outs):
-      text = tokenizer.decode([t for t in out if t != eot])
-      got = sft_sources.final_answer(text)
-      correct += got == e['answer']
-      if len(samples) < 3:
-        samples.append({'question': e['messages'][0]['content'], 'answer': text,
-                        'expected': e['answer']})
+  for e, out in zip(problems, outs):
+    text = tokenizer.decode([t for t in out.tokens if t != eot])
+    correct += sft_sources.final_answer(text) == e['answer']
+    if len(samples) < 3:
+      samples.append({'question': e['messages'][0]['content'], 'answer': text,
+                      'expected': e['answer']})
 
   @nnx.jit
   def batch_loss(model, batch):

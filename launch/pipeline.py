@@ -20,7 +20,8 @@ from data.tokenizer import load_tokenizer
 from eval.accuracy import evaluate_accuracy
 from eval.perplexity import evaluate_perplexity
 from models import checkpoint
-from serving.sampling import generate
+from serving import offline
+from serving.engine import SamplingParams
 from trainers import pretrain, sft
 
 
@@ -66,11 +67,11 @@ def run(config, workdir: str) -> dict:
   s = config.samples
   tokenizer = load_tokenizer(pre_dir)
   prompts = [tokenizer.encode(text, bos=True) for text in s.prompts]
-  outs = generate(result.model, prompts, max_new_tokens=s.max_new_tokens,
-                  temperature=s.temperature, top_k=s.top_k, seed=config.pretrain.seed,
-                  eos_id=tokenizer.eos_id)
-  report['samples'] = [{'prompt': t, 'continuation': tokenizer.decode(o)}
-                       for t, o in zip(s.prompts, outs)]
+  outs = offline.generate(
+      offline.engine_for(result.model, prompts, s.max_new_tokens, tokenizer=tokenizer), prompts,
+      max_tokens=s.max_new_tokens, eos_id=tokenizer.eos_id,
+      sampling=SamplingParams(temperature=s.temperature, top_k=s.top_k, seed=config.pretrain.seed))
+  report['samples'] = [{'prompt': t, 'continuation': o.text} for t, o in zip(s.prompts, outs)]
 
   rows += _sft_stage(config, workdir, pre_dir, report)
 

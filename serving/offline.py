@@ -10,7 +10,7 @@ import dataclasses
 
 import jax
 
-from serving.engine import Engine, SamplingParams
+from serving.engine import MIN_BUCKET, Engine, SamplingParams
 
 
 @dataclasses.dataclass
@@ -21,6 +21,22 @@ class Completion:
   logprobs: list[float]  # log p(token | prefix) under the untempered model, one per token
   text: str | None  # decoded `tokens` (cut before a stop string), when the engine has a tokenizer
   finish_reason: str  # 'stop' (EOS or a stop string) or 'length' (max_tokens or a full cache)
+
+
+def engine_for(model, prompts: list[list[int]], max_tokens: int, *, tokenizer=None,
+               max_slots: int = 32) -> Engine:
+  """An engine sized for one batch job: up to max_slots slots and a cache that holds the longest
+  prompt's bucket plus max_tokens. Callers that generate repeatedly (RL) keep theirs."""
+  if not prompts:
+    raise ValueError('no prompts to generate from')
+  longest = max(len(p) for p in prompts)
+  if longest + max_tokens > model.cfg.max_seq_len:
+    raise ValueError(f'prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model '
+                     f'max_seq_len={model.cfg.max_seq_len}')
+  bucket = max(MIN_BUCKET, 1 << max(longest - 1, 0).bit_length())
+  return Engine(model, max_concurrent_decodes=min(len(prompts), max_slots),
+                max_len=min(bucket + max_tokens, model.cfg.max_seq_len),
+                max_prefill_length=bucket, tokenizer=tokenizer)
 
 
 def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 1,

@@ -160,3 +160,13 @@ def test_engine_on_a_mesh_decodes_like_one_device(engine):
   got = offline.generate(sharded, PROMPTS[:3], max_tokens=6)
   assert [c.tokens for c in got] == [c.tokens for c in want]
   np.testing.assert_allclose([c.logprobs for c in got], [c.logprobs for c in want], atol=1e-5)
+
+
+def test_engine_for_sizes_a_job_and_rejects_what_cannot_fit(model):
+  engine = offline.engine_for(model, PROMPTS, 12, max_slots=3)
+  assert engine.max_concurrent_decodes == 3 and engine.max_prefill_length == 64
+  assert engine.max_len == 64 + 12
+  got = offline.generate(engine, PROMPTS, max_tokens=12)
+  assert [c.tokens for c in got] == [_greedy_without_cache(model, p, 12) for p in PROMPTS]
+  with pytest.raises(ValueError, match='max_seq_len=512'):
+    offline.engine_for(model, [[1] * 500], 20)

@@ -183,12 +183,13 @@ def test_gguf_import_matches_transformers_logits(tmp_path):
 
 
 def test_smollm2_gguf_answers_a_factual_question(tmp_path):
-  from serving.sampling import generate
+  from serving import offline
   import_checkpoint('smollm2_135m', str(tmp_path))
   model, _ = load_model(str(tmp_path), dtype='float32')
   tok = load_tokenizer(str(tmp_path))
   prompt = tok.apply_chat_template([{'role': 'user', 'content': 'What is the capital of France?'}])
-  answer = tok.decode(generate(model, [prompt], max_new_tokens=8, eos_id=tok.eos_id)[0])
+  engine = offline.engine_for(model, [prompt], 8, tokenizer=tok)
+  answer = offline.generate(engine, [prompt], max_tokens=8, eos_id=tok.eos_id)[0].text
   assert 'Paris' in answer, answer
 
 

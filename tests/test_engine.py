@@ -170,3 +170,21 @@ def test_engine_for_sizes_a_job_and_rejects_what_cannot_fit(model):
   assert [c.tokens for c in got] == [_greedy_without_cache(model, p, 12) for p in PROMPTS]
   with pytest.raises(ValueError, match='max_seq_len=512'):
     offline.engine_for(model, [[1] * 500], 20)
+
+
+def test_samples_of_one_prompt_share_its_prefill(engine, monkeypatch):
+  """n samples per prompt: one prefill each, and the same draws as sampling them one by one."""
+  import dataclasses
+  sampling = SamplingParams(temperature=1.0, top_k=40, seed=5)
+  calls = []
+  prefill = engine.prefill
+  monkeypatch.setattr(engine, 'prefill', lambda **kw: calls.append(1) or prefill(**kw))
+  shared = offline.generate(engine, PROMPTS[:2], n=3, max_tokens=6, sampling=sampling)
+  assert len(calls) == 2
+  for c in shared:
+    alone = offline.generate(engine, [PROMPTS[c.prompt_index]], max_tokens=6,
+                             sampling=dataclasses.replace(
+                                 sampling, seed=sampling.seed + c.prompt_index * 3 + c.sample_index))
+    assert c.tokens == alone[0].tokens
+    np.testing.assert_allclose(c.logprobs, alone[0].logprobs, rtol=1e-5, atol=1e-6)
+  assert len({tuple(c.tokens) for c in shared if c.prompt_index == 0}) > 1

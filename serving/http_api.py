@@ -10,6 +10,7 @@ thread kills the process. A client that disconnects, or a stop string, cancels i
 which frees its decode slot at the next step. Requests beyond the slots plus `max_queue` get 503.
 """
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -107,7 +108,8 @@ class OpenAIServer:
     if path == '/metrics':
       return await _send(writer, 200, prom.generate_latest(self.metrics.registry),
                          prom.CONTENT_TYPE_LATEST)
-    if self.api_key and headers.get('authorization') != f'Bearer {self.api_key}':
+    if self.api_key and not hmac.compare_digest(headers.get('authorization', '').encode(),
+                                                f'Bearer {self.api_key}'.encode()):
       raise HttpError(401, 'missing or wrong API key (send "Authorization: Bearer KEY")')
     if path == '/v1/models':
       return await _send_json(writer, 200, {'object': 'list', 'data': [{

@@ -71,6 +71,8 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
   pretrain.run(tiny_config(**keys), str(tmp_path / 'straight'))
   first = pretrain.run(tiny_config(**keys, **{'train.stop_after': 7}), str(tmp_path / 'resumed'))
   assert not first.completed and first.step == 7
+  again = pretrain.run(tiny_config(**keys, **{'train.stop_after': 7}), str(tmp_path / 'resumed'))
+  assert not again.completed and again.step == 7  # The same command does not creep on.
   second = pretrain.run(tiny_config(**keys), str(tmp_path / 'resumed'))
   assert second.completed
 

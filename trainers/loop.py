@@ -133,9 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
     restored = ckpt.restore(start, params, opt_state, train_iter)
     params, opt_state = restored['params'], restored['opt_state']
     print(f'Resumed from {workdir}/checkpoints/{start}.')
-  if start >= t.steps:
-    ckpt.close()
-    return Result(nnx.merge(graphdef, params, frozen), start, True, {})
+  if start >= t.steps or (t.stop_after and start >= t.stop_after):
+    ckpt.close()  # Nothing to do: finished, or already stopped where train.stop_after says.
+    return Result(nnx.merge(graphdef, params, frozen), start, start >= t.steps, {})
 
   def loss_and_grad(p, batch, rng):
     def f(p):

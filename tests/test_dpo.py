@@ -1,0 +1,145 @@
+"""DPO (trainers/dpo.py) and its preference pairs (data/preferences.py): the loss against values
+worked out by hand, the pairs and their response mask, and DPO end to end from a tiny SFT run."""
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+
+from configs import dpo as dpo_config
+from configs import sft as sft_config
+from data import chat, preferences
+from data.sft_sources import arithmetic_steps, final_answer
+from data.tokenizer import load_tokenizer
+from models import checkpoint
+from tests.helpers import read_metrics, tiny_config
+from trainers import common, dpo, pretrain, sft
+
+
+def test_dpo_loss_matches_hand_worked_values():
+  def loss(pc, pr, rc, rr, beta, eps=0.0):
+    out = dpo.dpo_loss(np.float32(pc), np.float32(pr), np.float32(rc), np.float32(rr), beta, eps)
+    return [float(x) for x in out]
+
+  # Policy == reference: z = 0, loss = -log sigmoid(0) = log 2, whatever the smoothing.
+  assert loss(-5.0, -7.0, -5.0, -7.0, 0.1) == pytest.approx([math.log(2), 0.0, 0.0])
+  assert loss(-5.0, -7.0, -5.0, -7.0, 0.1, 0.3)[0] == pytest.approx(math.log(2))
+  # Chosen up by 1 and rejected down by 1 against the reference: z = 2, beta * z = 1, rewards
+  # +-0.5, loss = -log sigmoid(1) = log(1 + e^-1) = 0.313262.
+  assert loss(-1.0, -3.0, -2.0, -2.0, 0.5) == pytest.approx([0.313262, 0.5, -0.5], abs=1e-6)
+  # Conservative DPO with eps = 0.1: 0.9 * log(1 + e^-1) + 0.1 * log(1 + e) = 0.413262 (as
+  # log(1 + e) = 1 + log(1 + e^-1)).
+  assert loss(-1.0, -3.0, -2.0, -2.0, 0.5, 0.1)[0] == pytest.approx(0.413262, abs=1e-6)
+  # The rejected one preferred: beta * z = -1, loss = log(1 + e) = 1.313262.
+  assert loss(-3.0, -1.0, -2.0, -2.0, 0.5)[0] == pytest.approx(1.313262, abs=1e-6)
+
+
+def _is_worked_out(steps: list[str]) -> bool:
+  """Every step follows from the one before by one correct operation."""
+  return all(arithmetic_steps(a)[1] == b for a, b in zip(steps, steps[1:]))
+
+
+def test_corrupted_solutions_are_wrong_at_one_place():
+  solution = '0 - 6 + 10\n= -6 + 10\n= 4\n#### 4'
+  rng = random.Random(0)
+  seen = set()
+  for _ in range(60):
+    wrong = preferences.corrupt_solution(solution, rng)
+    lines = wrong.split('\n')
+    assert lines[0] == '0 - 6 + 10' and final_answer(wrong) != '4', wrong
+    if lines[1] != '= -6 + 10':
+      seen.add('step')  # A slip in the first operation, carried through correctly.
+      assert _is_worked_out([line.removeprefix('= ') for line in lines[1:-1]]), wrong
+    elif lines[2] != '= 4':
+      seen.add('last step')
+    else:
+      seen.add('answer')  # Working right, final answer not its result.
+      assert lines[3] != '#### 4', wrong
+  assert seen == {'step', 'last step', 'answer'}
+  assert preferences.corrupt_solution(solution, random.Random(3)) == \
+      preferences.corrupt_solution(solution, random.Random(3))
+
+
+def test_preference_pairs_hold_out_whole_problems():
+  config = tiny_config(dpo_config)
+  train, held_out = preferences.load_preference_pairs(config.data, config.seed)
+  assert len(held_out) >= 90 and len(train) > 1000
+  train_prompts = {p['prompt'][0]['content'] for p in train}
+  assert not any(p['prompt'][0]['content'] in train_prompts for p in held_out)
+  for p in train[:50]:
+    assert final_answer(p['chosen']) == p['answer'] != final_answer(p['rejected'])
+
+
+@pytest.fixture(scope='module')
+def sft_workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('dpo')
+  pre, run = str(root / 'pre'), str(root / 'sft')
+  pretrain.run(tiny_config(), pre)
+  sft.run(tiny_config(sft_config, **{'init_from': pre, 'train.steps': 100}), run)
+  return run
+
+
+def test_pair_rows_mask_exactly_the_responses(sft_workdir):
+  tokenizer = load_tokenizer(sft_workdir)
+  pair = {'prompt': [{'role': 'user', 'content': 'Calculate 1 + 2.'}],
+          'chosen': '1 + 2\n= 3\n#### 3', 'rejected': '1 + 2\n= 4\n#### 4', 'answer': '3'}
+  rows = preferences.encode_pairs(tokenizer, [pair], 64)
+  assert rows['inputs'].shape == (1, 2, 64)
+  end = chat.end_of_turn_id(tokenizer)
+  for side, response in enumerate((pair['chosen'], pair['rejected'])):
+    mask = rows['loss_mask'][0, side] > 0
+    # The predicted tokens under the mask are the response and its end of turn, nothing else.
+    assert rows['targets'][0, side][mask].tolist() == tokenizer.encode(response) + [end]
+    prompt = chat.apply_chat_template(tokenizer, pair['prompt'], add_generation_prompt=True)
+    assert not mask[:len(prompt) - 1].any() and mask[len(prompt) - 1]
+  with pytest.raises(ValueError, match='data.seq_len'):
+    preferences.encode_pairs(tokenizer, [pair], 8)
+
+
+def test_dpo_needs_a_model_to_start_from(tmp_path):
+  with pytest.raises(ValueError, match='init_from'):
+    dpo.run(tiny_config(dpo_config), str(tmp_path))
+
+
+def _held_out_logp_margin(workdir, config):
+  """Mean log pi(chosen) - log pi(rejected) over the held-out pairs."""
+  tokenizer = load_tokenizer(workdir)
+  _, held_out = preferences.load_preference_pairs(config.data, config.seed)
+  rows = preferences.encode_pairs(tokenizer, held_out, config.data.seq_len)
+  model, _ = checkpoint.load_model(workdir, dtype='float32')
+  logps = dpo.reference_logps(model, rows, batch_size=config.train.batch_size,
+                              mesh=common.mesh_from_config(config), rules=config.sharding_rules)
+  return float((logps[:, 0] - logps[:, 1]).mean())
+
+
+def test_dpo_prefers_correct_solutions_on_held_out_pairs(sft_workdir, tmp_path):
+  run = str(tmp_path / 'dpo')
+  config = tiny_config(dpo_config, init_from=sft_workdir)
+  result = dpo.run(config, run)
+  assert result.completed
+  for name in ('config.json', 'model.json', 'tokenizer.model', 'metrics.jsonl'):
+    assert os.path.exists(os.path.join(run, name)), name
+  assert os.path.isdir(os.path.join(run, 'checkpoints', str(config.train.steps)))
+  records = read_metrics(run)
+  assert all('step' in r and 'loss' in r and 'reward_accuracy' in r for r in records)
+  last = records[-1]
+  assert last['step'] == config.train.steps
+  # Held-out reward accuracy starts at 0.5 (policy == reference: every margin is 0).
+  assert last['eval_reward_accuracy'] >= 0.58 and last['eval_reward_margin'] > 0.03, last
+  assert last['eval_chosen_reward'] > last['eval_rejected_reward']
+  before = _held_out_logp_margin(sft_workdir, config)
+  after = _held_out_logp_margin(run, config)
+  assert after > before + 0.3, (before, after)
+
+
+def test_dpo_resumes_exactly(sft_workdir, tmp_path):
+  # The reference log-probs are recomputed on a resumed start: they must come out the same.
+  short = {'init_from': sft_workdir, 'data.num_examples': 300, 'train.steps': 12,
+           'train.log_every': 4, 'train.eval_every': 0}
+  whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+  dpo.run(tiny_config(dpo_config, **short), whole)
+  assert not dpo.run(tiny_config(dpo_config, **short, **{'train.stop_after': 6}), split).completed
+  assert dpo.run(tiny_config(dpo_config, **short), split).completed
+  by_step = lambda workdir: {r['step']: r['loss'] for r in read_metrics(workdir)}
+  assert by_step(split)[12] == by_step(whole)[12]

@@ -128,6 +128,7 @@ def test_dpo_prefers_correct_solutions_on_held_out_pairs(sft_workdir, tmp_path):
   # Held-out reward accuracy starts at 0.5 (policy == reference: every margin is 0).
   assert last['eval_reward_accuracy'] >= 0.58 and last['eval_reward_margin'] > 0.03, last
   assert last['eval_chosen_reward'] > last['eval_rejected_reward']
+  assert 'eval_perplexity' not in last  # A pair loss has no perplexity.
   before = _held_out_logp_margin(sft_workdir, config)
   after = _held_out_logp_margin(run, config)
   assert after > before + 0.3, (before, after)

@@ -137,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   print(f'Model of {model_cfg.num_params():,} parameters; DPO beta={config.dpo.beta}, '
         f'label_smoothing={config.dpo.label_smoothing}.')
   return loop.train(config, workdir, model, make_loss(config.dpo), train_iter, held_out_batches,
-                    mesh=mesh, rules=config.sharding_rules)
+                    mesh=mesh, rules=config.sharding_rules, token_loss=False)
 
 
 if __name__ == '__main__':

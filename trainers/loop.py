@@ -106,11 +106,13 @@ def _accumulate(loss_and_grad, params, batch, rng, micro_batches):
 
 def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
           train_iter: Iterator[dict], eval_batches: list[dict] | None, *, mesh, rules,
-          trainable: Any = nnx.Param, extra_meta: dict | None = None) -> Result:
+          trainable: Any = nnx.Param, extra_meta: dict | None = None,
+          token_loss: bool = True) -> Result:
   """Trains `model` in place of its `trainable` variables for config.train.steps steps.
 
   Resumes from the newest checkpoint in workdir/checkpoints if there is one (model, optimizer and
-  data iterator), so running the same command again continues the run exactly.
+  data iterator), so running the same command again continues the run exactly. token_loss says
+  the loss is a mean token cross-entropy, so exp(eval_loss) is reported as eval_perplexity.
   """
   t = config.train
   if t.batch_size % t.grad_accum:
@@ -179,7 +181,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     loss_sum, weight, metric_sums = jax.device_get(totals)
     loss = float(loss_sum / weight)
-    return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
+    perplexity = {'eval_perplexity': float(np.exp(min(loss, 50.0)))} if token_loss else {}
+    return {'eval_loss': loss, **perplexity,
             **{f'eval_{k}': float(v / weight) for k, v in metric_sums.items()}}
 
   writer = MetricsWriter(workdir, start_step=start, total_steps=t.steps)

@@ -173,6 +173,15 @@ class Llama(nnx.Module):
     positions: [B, T] position of each token in its sequence (default 0..T-1); with a cache they
     are also the cache indices written. segment_ids: [B, T] document ids of packed rows (training).
     """
+    x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'),
+                       self.rules)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+    """The final-norm hidden states [B, T, d_model] (what the LM head reads; a reward or value
+    head reads them too), and the updated cache (None without one)."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -188,11 +197,7 @@ class Llama(nnx.Module):
       x, layer_cache = block_fn(layer, x, positions, segment_ids, None if cache is None else cache[i])
       x = constrain(x, act, self.rules)
       new_cache.append(layer_cache)
-    x = self.final_norm(x)
-    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'),
-                       self.rules)
-    return logits if cache is None else (logits, new_cache)
+    return self.final_norm(x), (None if cache is None else new_cache)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> Cache:

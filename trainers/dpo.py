@@ -21,7 +21,6 @@ every resumption. Everything else (optimizer, resumption, metrics, checkpoints) 
 loop's.
 """
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -29,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data import pipeline, preferences
+from models.losses import pair_weights_and_accuracy
 from trainers import cli, common, loop
 from trainers.sft import eval_batches
 
@@ -89,10 +89,8 @@ def make_loss(dpo_config: ml_collections.ConfigDict):
     ref = batch['ref_logps']
     loss, chosen_reward, rejected_reward = dpo_loss(
         policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing)
-    # Pairs of eval padding (no response tokens) weigh nothing.
-    weight = (batch['loss_mask'][:, 0].sum(-1) > 0).astype(jnp.float32)
     margin = chosen_reward - rejected_reward
-    correct = jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))
+    weight, correct = pair_weights_and_accuracy(batch['loss_mask'], margin)
     sums = lambda x: (x * weight).sum()
     return sums(loss), weight.sum(), {
         'reward_accuracy': sums(correct), 'reward_margin': sums(margin),

@@ -1,0 +1,112 @@
+"""A reward model: a Llama backbone and a scalar head, trained on preference pairs with the
+Bradley-Terry model (Bradley & Terry, 1952, "Rank Analysis of Incomplete Block Designs: I. The
+Method of Paired Comparisons") as in InstructGPT's reward model (Ouyang et al., 2022, "Training
+language models to follow instructions with human feedback", arXiv:2203.02155).
+
+The reward of a (prompt, response) sequence is a linear head on the backbone's final-norm hidden
+state at the last response token: causal attention makes it the one position that has read the
+whole prompt and response. Under Bradley-Terry, P(chosen > rejected) = sigmoid(r_c - r_r), so the
+loss is -log sigmoid(r_c - r_r); it depends on reward differences only, so rewards have no fixed
+zero.
+
+A reward workdir (trainers/reward.py) is a normal workdir (model.json, tokenizer, checkpoints)
+plus REWARD_FILE; its checkpoint's params hold the backbone and the head.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models import checkpoint
+from models.llama import Llama
+
+REWARD_FILE = 'reward.json'
+
+
+class RewardModel(nnx.Module):
+
+  def __init__(self, backbone: Llama, *, head_init_std: float = 0.0, rngs: nnx.Rngs):
+    self.backbone = backbone
+    # Zero by default: every reward starts at 0, so the first loss is log 2 and accuracy is 0.5
+    # whatever the backbone, and the backbone gets no gradient until the head has a direction.
+    init = (nnx.initializers.zeros if head_init_std == 0.0
+            else nnx.initializers.normal(head_init_std))
+    self.head = nnx.Linear(backbone.cfg.d_model, 1, kernel_init=init, rngs=rngs)
+
+
+def new_reward_model(backbone: Llama, mesh, *, head_init_std: float = 0.0,
+                     seed: int = 0) -> RewardModel:
+  """RewardModel around a backbone already on `mesh`, its head replicated over the mesh (the head
+  carries no logical axis names, and one jit cannot mix it on one device with a sharded
+  backbone)."""
+  model = RewardModel(backbone, head_init_std=head_init_std, rngs=nnx.Rngs(seed))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  nnx.update(model.head, jax.device_put(nnx.state(model.head), replicated))
+  return model
+
+
+def last_response_index(loss_mask: jax.Array) -> jax.Array:
+  """[..., T] loss mask -> [...] index of its last masked position.
+
+  The mask is on targets, so its last position predicts the end-of-turn token and its input is
+  the last response token. A row without a mask (eval padding) gives T - 1; its pair weighs 0.
+  """
+  t = loss_mask.shape[-1]
+  return t - 1 - jnp.argmax(jnp.flip(loss_mask > 0, -1), axis=-1)
+
+
+def reward(model: RewardModel, tokens, positions, segment_ids, last_index) -> jax.Array:
+  """tokens, positions, segment_ids [B, T] and last_index [B] -> rewards [B] in fp32."""
+  x, _ = model.backbone.hidden_states(tokens, positions, segment_ids)
+  last = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+  return model.head(last.astype(jnp.float32))[:, 0]
+
+
+def pair_rewards(model: RewardModel, batch: dict) -> jax.Array:
+  """Rewards of data/preferences.py rows [B, 2, T] -> [B, 2] (0 = chosen, 1 = rejected)."""
+  b, n, t = batch['inputs'].shape
+  flat = lambda k: batch[k].reshape(b * n, t)
+  r = reward(model, flat('inputs'), flat('positions'), flat('segment_ids'),
+             last_response_index(flat('loss_mask')))
+  return r.reshape(b, n)
+
+
+def bradley_terry_loss(r_chosen, r_rejected, weight=None) -> jax.Array:
+  """Mean of -log sigmoid(r_chosen - r_rejected) over pairs ([B] each), weighted if given."""
+  losses = -jax.nn.log_sigmoid(r_chosen - r_rejected)
+  if weight is None:
+    return losses.mean()
+  return (losses * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def write_marker(workdir: str, head_init_std: float):
+  with open(os.path.join(workdir, REWARD_FILE), 'w') as f:
+    json.dump({'head': 'linear on the last response token', 'head_init_std': head_init_std}, f)
+
+
+def load_reward_model(workdir: str, *, step: int | None = None, **config_overrides
+                      ) -> tuple[RewardModel, int]:
+  """The RewardModel of a trainers/reward.py workdir at its newest (or the given) checkpoint, on
+  the default device. config_overrides change non-architectural fields (dtype). -> (model, step)."""
+  if not os.path.exists(os.path.join(workdir, REWARD_FILE)):
+    raise FileNotFoundError(f'{workdir!r} has no {REWARD_FILE}: not a reward-model workdir '
+                            f'(trainers/reward.py)')
+  cfg = checkpoint.load_model_config(workdir, **config_overrides)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint under {ckpt.directory}')
+  with nnx.use_eager_sharding(False):  # As models/llama.abstract_model: no mesh to place on.
+    abstract = nnx.eval_shape(
+        lambda: RewardModel(Llama(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target)))
+  ckpt.close()
+  return nnx.merge(graphdef, restored['params']), step

@@ -1,0 +1,71 @@
+"""Reward-model training with the Bradley-Terry pair loss (Bradley & Terry, 1952), as for
+InstructGPT's reward model (Ouyang et al., 2022, arXiv:2203.02155); the model is models/reward.py.
+
+  python -m trainers.reward --config=configs/reward.py:tiny --workdir=runs/rm --config.init_from=runs/sft
+
+The backbone starts from init_from (an SFT workdir) and the scalar head from zero; all parameters
+train. For each pair (data/preferences.py) L = -log sigmoid(r_c - r_r); we report the accuracy,
+the fraction of pairs with r_c > r_r (a tie counts one half, so it is 0.5 at step 0 with a zero
+head), and the mean margin r_c - r_r. The workdir gets models/reward.py's reward.json, so
+models.reward.load_reward_model(workdir) rebuilds the model. Everything else (optimizer,
+resumption, metrics, checkpoints) is the shared loop's.
+"""
+import jax
+import ml_collections
+
+from data import pipeline, preferences
+from models import reward
+from models.losses import pair_weights_and_accuracy
+from trainers import cli, common, loop
+from trainers.sft import eval_batches
+
+
+def loss_fn(model, batch, rng):
+  del rng  # No dropout.
+  r = reward.pair_rewards(model, batch)
+  margin = r[:, 0] - r[:, 1]
+  weight, correct = pair_weights_and_accuracy(batch['loss_mask'], margin)
+  # The loop wants sums, so micro-batches combine exactly.
+  loss_sum = reward.bradley_terry_loss(r[:, 0], r[:, 1], weight) * weight.sum()
+  sums = lambda x: (x * weight).sum()
+  return loss_sum, weight.sum(), {'accuracy': sums(correct), 'margin': sums(margin)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
+  if not config.init_from:
+    raise ValueError('A reward model starts from a fine-tuned model: set '
+                     '--config.init_from=WORKDIR')
+  tokenizer = common.tokenizer_for(config, workdir)
+  train, held_out = preferences.load_preference_pairs(config.data, config.seed)
+  train_rows = preferences.encode_pairs(tokenizer, train, config.data.seq_len)
+  print(f'Reward data {config.data.source!r}: {len(train)} training pairs, '
+        f'{len(held_out)} held out.')
+  model_cfg = common.model_config(config, tokenizer.vocab_size)
+  mesh = common.mesh_from_config(config)
+  n_proc = jax.process_count()
+  if config.train.batch_size % n_proc:
+    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
+                     f'{n_proc} processes')
+  per_process = config.train.batch_size // n_proc
+
+  rows = [{k: v[i] for k, v in train_rows.items()} for i in range(len(train_rows['inputs']))]
+  train_iter = pipeline.make_train_iterator(
+      rows, batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
+      process_count=n_proc, worker_count=config.data.worker_count)
+  held_out_batches = None
+  if held_out and config.train.eval_batches:
+    eval_rows = preferences.encode_pairs(tokenizer, held_out, config.data.seq_len)
+    held_out_batches = eval_batches(eval_rows, batch_size=per_process,
+                                    max_batches=config.train.eval_batches)
+  common.write_workdir(config, workdir, tokenizer, model_cfg)
+  reward.write_marker(workdir, config.reward.head_init_std)
+  backbone = common.initial_model(config, workdir, model_cfg, mesh)
+  model = reward.new_reward_model(backbone, mesh, head_init_std=config.reward.head_init_std,
+                                  seed=config.seed)
+  print(f'Reward model on a backbone of {model_cfg.num_params():,} parameters.')
+  return loop.train(config, workdir, model, loss_fn, train_iter, held_out_batches,
+                    mesh=mesh, rules=config.sharding_rules, token_loss=False)
+
+
+if __name__ == '__main__':
+  cli.run_stage(run, 'configs/reward.py:tiny')

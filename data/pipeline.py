@@ -85,6 +85,21 @@ class PackedRows:
     }
 
 
+class RowTable:
+  """Random access to the rows of a dict of [N, ...] arrays (packed conversations, preference
+  pairs): row i is {name: array[i]}. A grain data source, like PackedRows."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self._arrays = arrays
+    self._len = len(next(iter(arrays.values())))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[int(i)] for k, v in self._arrays.items()}
+
+
 def make_train_iterator(rows, *, batch_size: int, seed: int, shuffle: bool = True,
                         process_index: int = 0, process_count: int = 1, worker_count: int = 0,
                         prefetch_buffer_size: int = 0):

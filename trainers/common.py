@@ -20,6 +20,15 @@ def mesh_from_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
+def per_process_batch(config: ml_collections.ConfigDict) -> int:
+  """Rows each JAX process reads per step: the global train.batch_size split over processes."""
+  n_proc = jax.process_count()
+  if config.train.batch_size % n_proc:
+    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
+                     f'{n_proc} processes')
+  return config.train.batch_size // n_proc
+
+
 # How the model runs, as opposed to what it is: taken from the stage's config even when the
 # architecture comes from init_from.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention')

@@ -50,19 +50,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   data = prepare_data(config, workdir)
   model_cfg = common.model_config(config, data.tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
-  n_proc = jax.process_count()
-  if config.train.batch_size % n_proc:
-    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
-                     f'{n_proc} processes')
+  per_process = common.per_process_batch(config)
   train_iter = pipeline.make_train_iterator(
-      pipeline.PackedRows(data.train, config.data.seq_len),
-      batch_size=config.train.batch_size // n_proc,
-      seed=config.seed, process_index=jax.process_index(), process_count=n_proc,
+      pipeline.PackedRows(data.train, config.data.seq_len), batch_size=per_process,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=config.data.worker_count)
   eval_batches = None
   if len(data.eval.tokens) and config.train.eval_batches:
     eval_batches = pipeline.make_eval_batches(
-        data.eval, seq_len=config.data.seq_len, batch_size=config.train.batch_size // n_proc,
+        data.eval, seq_len=config.data.seq_len, batch_size=per_process,
         max_batches=config.train.eval_batches)
   common.write_workdir(config, workdir, data.tokenizer, model_cfg)
   model = common.initial_model(config, workdir, model_cfg, mesh)

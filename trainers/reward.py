@@ -42,16 +42,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
         f'{len(held_out)} held out.')
   model_cfg = common.model_config(config, tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
-  n_proc = jax.process_count()
-  if config.train.batch_size % n_proc:
-    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
-                     f'{n_proc} processes')
-  per_process = config.train.batch_size // n_proc
+  per_process = common.per_process_batch(config)
 
-  rows = [{k: v[i] for k, v in train_rows.items()} for i in range(len(train_rows['inputs']))]
+  rows = pipeline.RowTable(train_rows)
   train_iter = pipeline.make_train_iterator(
       rows, batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
-      process_count=n_proc, worker_count=config.data.worker_count)
+      process_count=jax.process_count(), worker_count=config.data.worker_count)
   held_out_batches = None
   if held_out and config.train.eval_batches:
     eval_rows = preferences.encode_pairs(tokenizer, held_out, config.data.seq_len)

@@ -85,16 +85,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   data = prepare_data(config, tokenizer)
   model_cfg = common.model_config(config, tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
-  n_proc = jax.process_count()
-  if config.train.batch_size % n_proc:
-    raise ValueError(f'train.batch_size={config.train.batch_size} must divide by the '
-                     f'{n_proc} processes')
-  per_process = config.train.batch_size // n_proc
-  rows = [{k: v[i] for k, v in data.train_rows.items()}
-          for i in range(len(data.train_rows['inputs']))]
+  per_process = common.per_process_batch(config)
+  rows = pipeline.RowTable(data.train_rows)
   train_iter = pipeline.make_train_iterator(
       rows, batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
-      process_count=n_proc, worker_count=config.data.worker_count)
+      process_count=jax.process_count(), worker_count=config.data.worker_count)
   held_out = None
   if data.eval_rows is not None and config.train.eval_batches:
     held_out = eval_batches(data.eval_rows, batch_size=per_process,

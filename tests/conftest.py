@@ -12,3 +12,16 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def repo_root():
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def tiny_sft_workdir(tmp_path_factory):
+  """A tiny pretrained model fine-tuned for 100 SFT steps: where the preference stages start."""
+  from configs import sft as sft_config
+  from tests.helpers import tiny_config
+  from trainers import pretrain, sft
+  root = tmp_path_factory.mktemp('tiny_sft')
+  pre, run = str(root / 'pre'), str(root / 'sft')
+  pretrain.run(tiny_config(), pre)
+  sft.run(tiny_config(sft_config, **{'init_from': pre, 'train.steps': 100}), run)
+  return run

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from configs import dpo as dpo_config
-from configs import sft as sft_config
 from data import chat, preferences
 from data.sft_sources import arithmetic_steps, final_answer
 from data.tokenizer import load_tokenizer
 from models import checkpoint
 from tests.helpers import read_metrics, tiny_config
-from trainers import common, dpo, pretrain, sft
+from trainers import common, dpo
 
 
 def test_dpo_loss_matches_hand_worked_values():
@@ -71,17 +70,8 @@ def test_preference_pairs_hold_out_whole_problems():
     assert final_answer(p['chosen']) == p['answer'] != final_answer(p['rejected'])
 
 
-@pytest.fixture(scope='module')
-def sft_workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('dpo')
-  pre, run = str(root / 'pre'), str(root / 'sft')
-  pretrain.run(tiny_config(), pre)
-  sft.run(tiny_config(sft_config, **{'init_from': pre, 'train.steps': 100}), run)
-  return run
-
-
-def test_pair_rows_mask_exactly_the_responses(sft_workdir):
-  tokenizer = load_tokenizer(sft_workdir)
+def test_pair_rows_mask_exactly_the_responses(tiny_sft_workdir):
+  tokenizer = load_tokenizer(tiny_sft_workdir)
   pair = {'prompt': [{'role': 'user', 'content': 'Calculate 1 + 2.'}],
           'chosen': '1 + 2\n= 3\n#### 3', 'rejected': '1 + 2\n= 4\n#### 4', 'answer': '3'}
   rows = preferences.encode_pairs(tokenizer, [pair], 64)
@@ -113,9 +103,9 @@ def _held_out_logp_margin(workdir, config):
   return float((logps[:, 0] - logps[:, 1]).mean())
 
 
-def test_dpo_prefers_correct_solutions_on_held_out_pairs(sft_workdir, tmp_path):
+def test_dpo_prefers_correct_solutions_on_held_out_pairs(tiny_sft_workdir, tmp_path):
   run = str(tmp_path / 'dpo')
-  config = tiny_config(dpo_config, init_from=sft_workdir)
+  config = tiny_config(dpo_config, init_from=tiny_sft_workdir)
   result = dpo.run(config, run)
   assert result.completed
   for name in ('config.json', 'model.json', 'tokenizer.model', 'metrics.jsonl'):
@@ -129,14 +119,14 @@ def test_dpo_prefers_correct_solutions_on_held_out_pairs(sft_workdir, tmp_path):
   assert last['eval_reward_accuracy'] >= 0.58 and last['eval_reward_margin'] > 0.03, last
   assert last['eval_chosen_reward'] > last['eval_rejected_reward']
   assert 'eval_perplexity' not in last  # A pair loss has no perplexity.
-  before = _held_out_logp_margin(sft_workdir, config)
+  before = _held_out_logp_margin(tiny_sft_workdir, config)
   after = _held_out_logp_margin(run, config)
   assert after > before + 0.3, (before, after)
 
 
-def test_dpo_resumes_exactly(sft_workdir, tmp_path):
+def test_dpo_resumes_exactly(tiny_sft_workdir, tmp_path):
   # The reference log-probs are recomputed on a resumed start: they must come out the same.
-  short = {'init_from': sft_workdir, 'data.num_examples': 300, 'train.steps': 12,
+  short = {'init_from': tiny_sft_workdir, 'data.num_examples': 300, 'train.steps': 12,
            'train.log_every': 4, 'train.eval_every': 0}
   whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
   dpo.run(tiny_config(dpo_config, **short), whole)

@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 
 from configs import reward as reward_config
-from configs import sft as sft_config
 from data import preferences
 from data.tokenizer import load_tokenizer
 from models import reward
 from tests.helpers import read_metrics, tiny_config
-from trainers import pretrain, sft
 from trainers import reward as reward_trainer
 
 
@@ -39,18 +37,9 @@ def test_reward_model_needs_a_model_to_start_from(tmp_path):
     reward_trainer.run(tiny_config(reward_config), str(tmp_path))
 
 
-@pytest.fixture(scope='module')
-def sft_workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('reward')
-  pre, run = str(root / 'pre'), str(root / 'sft')
-  pretrain.run(tiny_config(), pre)
-  sft.run(tiny_config(sft_config, **{'init_from': pre, 'train.steps': 100}), run)
-  return run
-
-
-def test_reward_model_learns_and_reloads(sft_workdir, tmp_path):
+def test_reward_model_learns_and_reloads(tiny_sft_workdir, tmp_path):
   run = str(tmp_path / 'rm')
-  config = tiny_config(reward_config, init_from=sft_workdir)
+  config = tiny_config(reward_config, init_from=tiny_sft_workdir)
   result = reward_trainer.run(config, run)
   assert result.completed and os.path.exists(os.path.join(run, reward.REWARD_FILE))
   records = read_metrics(run)

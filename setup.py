@@ -30,6 +30,9 @@ setup(
         "reasoning-gym==0.1.25",
         "chatterbot-corpus==1.3.3",
         "gguf>=0.10",
+        # RL rewards: Hugging Face's answer verifier (sympy-based) for answers that are not plain
+        # numbers (data/rewards.py).
+        "math-verify==0.9.0",
         # LoRA / QLoRA for NNX models.
         "qwix==0.1.8",
         # Imported Hugging Face checkpoints: their tokenizer.json and *.safetensors.

@@ -91,3 +91,44 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.sharding_rules = DEFAULT_SHARDING_RULES  # See the table above.
   return c
+
+
+def rl_config() -> ml_collections.ConfigDict:
+  """Keys of the RL machinery (trainers/rl.py) that the policy-gradient stages share (GRPO, PPO):
+  the stage's config holds them as `config.rl`."""
+  r = ml_collections.ConfigDict()
+  # Generation (serving/offline.py over the serving engine, built once per run).
+  r.max_prompt_tokens = 0  # Longest prompt accepted; 0 = the longest prompt of the source.
+  r.max_completion_tokens = 64  # Tokens generated per completion; longer ones are cut (truncated).
+  r.temperature = 1.0  # Rollout sampling temperature (log-probs are always the untempered model's).
+  r.top_k = 0  # Sample among the k likeliest tokens (0 = all).
+  r.top_p = 1.0  # Nucleus sampling mass (1 = all).
+  r.max_slots = 64  # Decode slots of the engine (sequences generated at once).
+  # Rewards (data/rewards.py): built-in names or 'module:function' paths, with their weights.
+  r.rewards = ('accuracy', 'format')
+  r.reward_weights = (1.0, 0.1)
+  # A process reward: per completion, one reward per step (built-in 'arithmetic_steps', which
+  # checks every line of a step-by-step sum, or a 'module:function' path returning lists of
+  # (end character, reward)). '' = outcome rewards only. GRPO then gives each token the
+  # normalised rewards of its step and the steps after it (DeepSeekMath's process supervision).
+  r.process_reward = ''
+  # Overlong completions: 'none'; 'mask' (truncated ones get no loss, DAPO's overlong filtering);
+  # 'soft' (DAPO's soft punishment: a penalty rising from 0 to -1 over the last overlong_buffer
+  # tokens before max_completion_tokens, added to the reward).
+  r.overlong = 'none'
+  r.overlong_buffer = 16
+  # Optimisation over one rollout batch: updates_per_batch optimizer steps, each on one of
+  # `minibatches` equal slices of the batch (in turn), the old-policy log-probs held fixed.
+  r.updates_per_batch = 1  # Must be a multiple of minibatches; 1 and 1 = purely on-policy.
+  r.minibatches = 1
+  # Positions per chunk of the vocabulary projection when computing log-probs (0 = all at once):
+  # the [rows, chunk, vocab] logits are the largest tensor instead of [rows, length, vocab].
+  r.logprob_chunk = 32
+  # Trainer-vs-engine mismatch: the engine's log-probs are compared with the trainer's every step;
+  # 'token' or 'sequence' reweights the loss by the ratio pi_trainer / pi_engine (truncated
+  # importance sampling), '' leaves it as is. is_mode: 'truncate' caps the weight at is_cap,
+  # 'mask' drops tokens (or sequences) whose weight exceeds it.
+  r.is_level = ''
+  r.is_mode = 'truncate'
+  r.is_cap = 2.0
+  return r

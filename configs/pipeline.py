@@ -14,7 +14,7 @@ tiny: the same stages in a few tiny steps each, for quick checks.
 """
 import ml_collections
 
-from configs import pretrain, sft
+from configs import grpo, pretrain, sft
 
 
 def get_config(arg: str = 'demo'):
@@ -24,9 +24,12 @@ def get_config(arg: str = 'demo'):
   c = ml_collections.ConfigDict()
   c.pretrain = pretrain.get_config(presets[arg])
   c.sft = sft.get_config(presets[arg])  # init_from '' = the pretrain stage's workdir.
+  c.grpo = grpo.get_config(presets[arg])  # init_from '' = the SFT stage's workdir.
   if arg == 'tiny':
     c.sft.train.steps = 20
     c.sft.eval.num_problems = 16
+    c.grpo.train.steps = 3
+    c.grpo.eval.num_problems = 16
   c.samples = ml_collections.ConfigDict()
   c.samples.prompts = ('ROMEO:', 'To be, or not to be', 'KING HENRY:\nNow')  # Sampled at the end.
   c.samples.max_new_tokens = 48 if arg == 'demo' else 16

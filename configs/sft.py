@@ -34,27 +34,8 @@ def get_config(arg: str = 'tiny'):
   # {"messages": [...]}; several join with '+' (data/sft_sources.py).
   c.data.source = 'basic_arithmetic'
   c.data.seq_len = p['seq']
-  c.data.num_examples = 4000  # Generated training problems (before removing held-out ones).
-  c.data.eval_examples = 100  # Generated held-out problems (eval loss and accuracy).
-  # Three one-digit terms: 4,000 possible problems, so held-out ones are new as a whole, while the
-  # single operations of their step-by-step solutions are all seen in training.
-  c.data.num_terms = (3, 3)  # Terms per arithmetic problem (basic_arithmetic, chain_sum).
-  c.data.num_digits = (1, 1)  # Digits per term (basic_arithmetic, chain_sum).
-  c.data.operators = ('+', '-')  # basic_arithmetic's operators, out of '+', '-', '*', '/'.
-  c.data.eval_fraction = 0.05  # Held-out fraction of chat sets (chatterbot, JSONL).
-
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0  # Adapter rank; 0 = full fine-tuning (configs/lora.py sets it).
-  c.lora.alpha = 16.0  # Adapter output scale alpha / rank.
-  c.lora.dropout = 0.0  # Dropout on the adapters' input (also active in the loop's eval loss).
-  # Regex over module paths such as 'layers/0/attn/wq': every attention and MLP projection.
-  c.lora.target = r'layers/\d+/(attn/(wq|wk|wv|wo)|mlp/(gate|up|down))'
-  c.lora.weight_qtype = ''  # '' = base as is; 'nf4' = QLoRA; 'int4' / 'int8' also work.
-  c.lora.tile_size = 64  # Rows of a weight sharing one quantization scale (NF4 block size).
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_problems = 100  # Held-out problems eval/accuracy.py generates answers for.
-  c.eval.max_new_tokens = 48  # Longest answer generated.
+  add_task_keys(c)
+  c.lora = lora_keys()
 
   c.train.steps = p['steps']
   c.train.batch_size = p['batch']
@@ -66,3 +47,37 @@ def get_config(arg: str = 'tiny'):
   c.optimizer.warmup_steps = p['warmup']
   c.optimizer.weight_decay = 0.0  # Fine-tuning stays close to the pretrained weights.
   return c
+
+
+def add_task_keys(c: ml_collections.ConfigDict):
+  """The generated-task keys (data/sft_sources.py) and the held-out eval keys that SFT and the RL
+  stages share (eval/accuracy.py rebuilds a run's problems from them)."""
+  c.data.num_examples = 4000  # Generated training problems (before removing held-out ones).
+  c.data.eval_examples = 100  # Generated held-out problems (eval loss and accuracy).
+  # Three one-digit terms: 4,000 possible problems, so held-out ones are new as a whole, while the
+  # single operations of their step-by-step solutions are all seen in training.
+  c.data.num_terms = (3, 3)  # Terms per arithmetic problem (basic_arithmetic, chain_sum, products).
+  c.data.num_digits = (1, 1)  # Digits per term (basic_arithmetic, chain_sum, products).
+  c.data.operators = ('+', '-')  # basic_arithmetic's operators, out of '+', '-', '*', '/'.
+  # Share of the generated training solutions that show their working; the others are the bare
+  # `#### N` answer, as in SFT sets that mix sources with and without rationales. Held-out
+  # solutions always show it.
+  c.data.worked_fraction = 1.0
+  c.data.eval_fraction = 0.05  # Held-out fraction of chat and JSONL sets.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_problems = 100  # Held-out problems eval/accuracy.py generates answers for.
+  c.eval.max_new_tokens = 48  # Longest answer generated.
+
+
+def lora_keys() -> ml_collections.ConfigDict:
+  """Adapter keys (models/lora.py), off by default; configs/lora.py and qlora.py set them."""
+  l = ml_collections.ConfigDict()
+  l.rank = 0  # Adapter rank; 0 = full fine-tuning (configs/lora.py sets it).
+  l.alpha = 16.0  # Adapter output scale alpha / rank.
+  l.dropout = 0.0  # Dropout on the adapters' input (also active in the loop's eval loss).
+  # Regex over module paths such as 'layers/0/attn/wq': every attention and MLP projection.
+  l.target = r'layers/\d+/(attn/(wq|wk|wv|wo)|mlp/(gate|up|down))'
+  l.weight_qtype = ''  # '' = base as is; 'nf4' = QLoRA; 'int4' / 'int8' also work.
+  l.tile_size = 64  # Rows of a weight sharing one quantization scale (NF4 block size).
+  return l

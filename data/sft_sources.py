@@ -4,8 +4,9 @@
 {'messages': [...], 'answer': str | None}; `answer` is the verifiable final answer of generated
 problems (eval/accuracy.py scores it) and None for free chat. Nothing is fetched at run time:
 
-- 'basic_arithmetic', 'chain_sum', 'gsm_symbolic': reasoning-gym problems rendered as
-  instruction -> step-by-step answer ending in `#### N` (the GSM8K convention). The held-out
+- 'basic_arithmetic', 'chain_sum', 'products', 'gsm_symbolic': reasoning-gym problems rendered
+  as instruction -> step-by-step answer ending in `#### N` (the GSM8K convention); `products`
+  (multiplications) is the harder arithmetic step of a curriculum. The held-out
   problems come from another seed, and training never sees a question that is held out.
 - 'chatterbot': the chatterbot-corpus English conversations (user and assistant alternate).
 - a path to a .jsonl file of {"messages": [{"role": ..., "content": ...}, ...]} per line.
@@ -20,7 +21,7 @@ import random
 from data import sources
 from data.chat import validate_messages
 
-TASKS = ('basic_arithmetic', 'chain_sum', 'gsm_symbolic')
+TASKS = ('basic_arithmetic', 'chain_sum', 'products', 'gsm_symbolic')
 ANSWER_MARK = '#### '
 
 
@@ -104,7 +105,7 @@ def _generate(name: str, n: int, seed: int, data_config) -> list[dict]:
           for e in reasoning_gym.create_dataset(name, seed=seed, size=n, **kwargs)]
 
 
-def _task_split(name: str, data_config, seed: int) -> tuple[list[dict], list[dict]]:
+def task_split(name: str, data_config, seed: int) -> tuple[list[dict], list[dict]]:
   held_out, seen = [], set()
   for e in _generate(name, data_config.eval_examples, seed + 1, data_config):
     if e['messages'][0]['content'] not in seen:
@@ -112,6 +113,13 @@ def _task_split(name: str, data_config, seed: int) -> tuple[list[dict], list[dic
       held_out.append(e)
   train = [e for e in _generate(name, data_config.num_examples, seed, data_config)
            if e['messages'][0]['content'] not in seen]
+  worked = data_config.get('worked_fraction', 1.0)
+  if worked < 1:  # A seeded share of the training solutions keeps only the final answer.
+    rng = random.Random(seed + 2)
+    train = [e if rng.random() < worked else
+             {**e, 'messages': [e['messages'][0], {'role': 'assistant',
+                                                   'content': f'{ANSWER_MARK}{e["answer"]}'}]}
+             for e in train]
   return train, held_out
 
 
@@ -158,7 +166,7 @@ def load_sft_examples(data_config, seed: int) -> tuple[list[dict], list[dict]]:
   train, held_out = [], []
   for name in data_config.source.split('+'):
     if name in TASKS:
-      t, h = _task_split(name, data_config, seed)
+      t, h = task_split(name, data_config, seed)
     else:
       convs = chatterbot_conversations() if name == 'chatterbot' else jsonl_conversations(name)
       t, h = _random_split(convs, data_config.eval_fraction, seed)

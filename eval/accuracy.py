@@ -1,16 +1,28 @@
-"""Exact-match accuracy of the final answer on held-out generated problems, and held-out SFT loss.
+"""Final-answer accuracy on held-out problems, greedy and sampled (pass@k, maj@k), and the held-out
+SFT loss.
 
   python -m eval.accuracy --workdir=runs/sft [--num_problems=100]
+  python -m eval.accuracy --workdir=runs/grpo --samples=8 --temperature=1.0
+  python -m eval.accuracy --workdir=runs/grpo --data=my_problems.jsonl
 
-Rebuilds the run's held-out problems from its config.json (same source, seed and sizes, so none
-was trained on), prompts the model with each question through the chat template, decodes greedily
-until the end-of-turn token, and counts an answer correct when the number after the last `#### `
-equals the reference exactly. Also reports the masked cross-entropy of the held-out
-conversations (assistant tokens only). JSON on stdout and in WORKDIR/eval_accuracy.json.
+Problems: by default the run's own held-out ones, rebuilt from its config.json (same source, seed
+and sizes, so none was trained on); `--task=NAME` picks another built-in task of the same shape;
+`--data=FILE.jsonl` scores the user's problems, one {"prompt": str | messages, "answer": ...} or
+{"messages": [...], "answer": ...} per line (data/prompts.py). Each prompt is rendered the way
+the policy was fine-tuned (chat template for messages), decoded until the end of the turn, and
+an answer counts as correct when its final answer (after the last `#### `, or the last
+\\boxed{}) equals the reference by data/rewards.answers_match, the check the GRPO reward uses.
 
-Works on any workdir with a tokenizer: an SFT/LoRA run, or a pretrained one (pass --task_from=
-an SFT workdir, or rely on the default problems, to measure the pretrained model's baseline).
+Reports `accuracy` (greedy); with --samples=k also `sample_accuracy` (the mean over k samples at
+--temperature), `pass@k` (some sample right) and `maj@k` (the most frequent final answer right,
+a tie going to the answer reached first). For built-in tasks also `eval_loss`, the masked
+cross-entropy of the held-out reference conversations. JSON on stdout and in the workdir
+(eval_accuracy.json, or eval_accuracy_<file stem>.json with --data).
+
+Works on any workdir with a tokenizer: an SFT, LoRA or GRPO run, or a pretrained one (pass
+--task_from= an SFT workdir, or rely on the default problems, to measure its baseline).
 """
+import collections
 import json
 import os
 
@@ -21,17 +33,18 @@ from flax import nnx
 
 from configs import entry
 from configs import sft as sft_config
-from data import chat, sft_sources
+from data import chat, prompts as prompt_sources, rewards, sft_sources
 from data.tokenizer import load_tokenizer
 from eval.perplexity import load_run_config
 from models import checkpoint
 from models.losses import token_cross_entropy
 from serving import offline
+from serving.engine import SamplingParams
 
 
 def task_config(workdir: str, task_from: str = ''):
   """The data/eval settings that define the problems: those of task_from, else the workdir's own
-  run when it was an SFT run, else the `tiny` SFT preset's."""
+  run when it was an SFT or RL run, else the `tiny` SFT preset's."""
   config = load_run_config(task_from or workdir)
   if 'eval' not in config:
     defaults = sft_config.get_config('tiny')
@@ -40,54 +53,119 @@ def task_config(workdir: str, task_from: str = ''):
   return config
 
 
-def evaluate_accuracy(workdir: str, *, task_from: str = '', num_problems: int = 0,
-                      batch_size: int = 32) -> dict:
-  config = task_config(workdir, task_from)
-  tokenizer = load_tokenizer(workdir)
-  model, step = checkpoint.load_model(workdir)
-  _, held_out = sft_sources.load_sft_examples(config.data, config.seed)
-  problems = [e for e in held_out if e['answer'] is not None]
-  problems = problems[:num_problems or config.eval.num_problems]
-  eot = chat.end_of_turn_id(tokenizer)
+def _answer_key(answer: str | None):
+  """Answers that answers_match treats as equal share a key when they are plain numbers."""
+  if answer is None:
+    return None
+  value = rewards.as_number(answer)
+  return ('number', value) if value is not None else ('text', answer.strip())
 
-  # One engine for every problem: its slots are refilled as answers finish (serving/offline.py).
-  prompts = [chat.apply_chat_template(tokenizer, e['messages'][:-1]) for e in problems]
-  n_new = config.eval.max_new_tokens
-  outs = offline.generate(offline.engine_for(model, prompts, n_new, max_slots=batch_size),
-                          prompts, max_tokens=n_new, eos_id=eot)
-  correct, samples = 0, []
-  for e, out in zip(problems, outs):
-    text = tokenizer.decode([t for t in out.tokens if t != eot])
-    correct += sft_sources.final_answer(text) == e['answer']
-    if len(samples) < 3:
-      samples.append({'question': e['messages'][0]['content'], 'answer': text,
-                      'expected': e['answer']})
 
+def majority_answer(answers: list[str | None]) -> str | None:
+  """The most frequent non-empty final answer, a tie going to the one reached first."""
+  keys = [_answer_key(a) for a in answers]
+  counts = collections.Counter(k for k in keys if k is not None)
+  if not counts:
+    return None
+  best = max(counts.values())
+  return next(a for a, k in zip(answers, keys) if k is not None and counts[k] == best)
+
+
+def _held_out_loss(model, tokenizer, conversations, seq_len, batch_size) -> float:
   @nnx.jit
   def batch_loss(model, batch):
     logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
     return token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
 
-  encoded = [chat.encode_conversation(tokenizer, e['messages']) for e in held_out]
-  rows = chat.pack_conversations(encoded, config.data.seq_len, tokenizer.pad_id)
+  encoded = [chat.encode_conversation(tokenizer, e['messages']) for e in conversations]
+  rows = chat.pack_conversations(encoded, seq_len, tokenizer.pad_id)
   totals = np.zeros(3)
   for i in range(0, len(rows['inputs']), batch_size):
     totals += np.array(jax.device_get(batch_loss(model, {k: v[i:i + batch_size]
                                                          for k, v in rows.items()})))
-  result = {'workdir': workdir, 'step': int(step), 'source': config.data.source,
-            'problems': len(problems), 'accuracy': correct / max(len(problems), 1),
-            'eval_loss': float(totals[0] / totals[1]), 'samples': samples}
-  with open(os.path.join(workdir, 'eval_accuracy.json'), 'w') as f:
+  return float(totals[0] / totals[1])
+
+
+def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data: str = '',
+                      num_problems: int = 0, samples: int = 0, temperature: float = 1.0,
+                      seed: int = 0, batch_size: int = 32) -> dict:
+  if samples < 0 or (samples and temperature <= 0):
+    raise ValueError(f'--samples={samples} --temperature={temperature}: sampling needs '
+                     'samples >= 1 and a temperature > 0')
+  config = task_config(workdir, task_from)
+  if task:
+    if task not in sft_sources.TASKS:
+      raise ValueError(f'--task={task!r}: expected one of {sft_sources.TASKS}')
+    config.data.source = task
+  tokenizer = load_tokenizer(workdir)
+  model, step = checkpoint.load_model(workdir)
+  conversations = []
+  if data:
+    problems = prompt_sources.jsonl_prompts(data)
+  else:
+    _, conversations = sft_sources.load_sft_examples(config.data, config.seed)
+    problems = [{'prompt': e['messages'][:-1], 'answer': e['answer']} for e in conversations
+                if e['answer'] is not None]
+  missing = sum(p['answer'] is None for p in problems)
+  if missing:
+    raise ValueError(f'{data or config.data.source}: {missing} of {len(problems)} problems have '
+                     f'no "answer" to check against')
+  problems = problems[:num_problems or config.eval.num_problems]
+  if not problems:
+    raise ValueError(f'{data or config.data.source}: no problems to score')
+  chat_prompts = any(not isinstance(p['prompt'], str) for p in problems)
+  eos = chat.end_of_turn_id(tokenizer) if chat_prompts else tokenizer.eos_id
+  prompts = [prompt_sources.encode_prompt(tokenizer, p['prompt']) for p in problems]
+  n_new = config.eval.max_new_tokens
+  # One engine for every problem: its slots are refilled as answers finish (serving/offline.py).
+  engine = offline.engine_for(model, prompts, n_new, max_slots=batch_size)
+  decode = lambda out: tokenizer.decode([t for t in out.tokens if t != eos])
+
+  greedy = [decode(o) for o in offline.generate(engine, prompts, max_tokens=n_new, eos_id=eos)]
+  right = [rewards.answers_match(rewards.extract_answer(text), p['answer'])
+           for text, p in zip(greedy, problems)]
+  result = {'workdir': workdir, 'step': int(step), 'source': data or config.data.source,
+            'problems': len(problems), 'accuracy': float(np.mean(right))}
+  if samples:
+    outs = offline.generate(engine, prompts, n=samples, max_tokens=n_new, eos_id=eos,
+                            sampling=SamplingParams(temperature=temperature, seed=seed))
+    answers = [[rewards.extract_answer(decode(o)) for o in outs[i * samples:(i + 1) * samples]]
+               for i in range(len(problems))]
+    correct = np.array([[rewards.answers_match(a, p['answer']) for a in row]
+                        for row, p in zip(answers, problems)])
+    result.update({
+        'samples_per_problem': samples, 'temperature': temperature,
+        'sample_accuracy': float(correct.mean()),
+        f'pass@{samples}': float(correct.any(axis=1).mean()),
+        f'maj@{samples}': float(np.mean([rewards.answers_match(majority_answer(row), p['answer'])
+                                         for row, p in zip(answers, problems)]))})
+  if conversations:
+    result['eval_loss'] = _held_out_loss(model, tokenizer, conversations, config.data.seq_len,
+                                         batch_size)
+  result['samples'] = [{'question': str(p['prompt'] if isinstance(p['prompt'], str)
+                                        else p['prompt'][-1]['content']),
+                        'answer': text, 'expected': p['answer']}
+                       for p, text in zip(problems[:3], greedy)]
+  name = 'eval_accuracy.json' if not data else \
+      f'eval_accuracy_{os.path.splitext(os.path.basename(data))[0]}.json'
+  with open(os.path.join(workdir, name), 'w') as f:
     json.dump(result, f, indent=2)
   return result
 
 
 def main():
   workdir = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
-  task_from = flags.DEFINE_string('task_from', '', 'Take the problems from this SFT workdir.')
+  task_from = flags.DEFINE_string('task_from', '', 'Take the problems from this run\'s config.')
+  task = flags.DEFINE_string('task', '', f'A built-in task instead: one of {sft_sources.TASKS}.')
+  data = flags.DEFINE_string('data', '', 'A JSONL of {"prompt" | "messages", "answer"} instead.')
   num_problems = flags.DEFINE_integer('num_problems', 0, 'Problems to score (0 = the config\'s).')
+  samples = flags.DEFINE_integer('samples', 0, 'Also draw k samples per problem: pass@k, maj@k.')
+  temperature = flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (with --samples).')
+  seed = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   entry.run_main(lambda argv: print(json.dumps(evaluate_accuracy(
-      workdir.value, task_from=task_from.value, num_problems=num_problems.value))))
+      workdir.value, task_from=task_from.value, task=task.value, data=data.value,
+      num_problems=num_problems.value, samples=samples.value, temperature=temperature.value,
+      seed=seed.value))))
 
 
 if __name__ == '__main__':

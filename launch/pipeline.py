@@ -1,5 +1,5 @@
-"""The end-to-end runner: tokenizer -> pretrain -> eval -> samples -> SFT -> accuracy (later
-stages extend it).
+"""The end-to-end runner: tokenizer -> pretrain -> eval -> samples -> SFT -> accuracy -> GRPO ->
+accuracy (later stages extend it).
 
   python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/demo
 
@@ -22,7 +22,7 @@ from eval.perplexity import evaluate_perplexity
 from models import checkpoint
 from serving import offline
 from serving.engine import SamplingParams
-from trainers import pretrain, sft
+from trainers import grpo, pretrain, sft
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -74,6 +74,7 @@ def run(config, workdir: str) -> dict:
   report['samples'] = [{'prompt': t, 'continuation': o.text} for t, o in zip(s.prompts, outs)]
 
   rows += _sft_stage(config, workdir, pre_dir, report)
+  rows += _grpo_stage(config, workdir, os.path.join(workdir, 'sft'), report)
 
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2)
@@ -84,7 +85,10 @@ def run(config, workdir: str) -> dict:
   print(_table(rows))
   s = report['sft']['samples'][0]
   print(f'SFT sample: {s["question"]!r} -> {s["answer"]!r} (expected {s["expected"]})\n')
-  print(f'Everything is in {workdir}/ (report.json, pretrain/, sft/ with metrics.jsonl, tb, ...).')
+  s = report['grpo']['samples'][0]
+  print(f'GRPO sample: {s["question"]!r} -> {s["answer"]!r} (expected {s["expected"]})\n')
+  print(f'Everything is in {workdir}/ (report.json, pretrain/, sft/, grpo/ with metrics.jsonl, '
+        f'tb, ...).')
   return report
 
 
@@ -109,6 +113,42 @@ def _sft_stage(config, workdir: str, pre_dir: str, report: dict) -> list[tuple[s
                                           f'{after["accuracy"]:.0%}'),
           ('sft', 'held-out answer loss', f'{before["eval_loss"]:.2f} -> {after["eval_loss"]:.2f}'),
           ('sft', 'wall time', f'{seconds:.0f} s')]
+
+
+def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[str, str, str]]:
+  """GRPO from the SFT model on the same task, scored on the same held-out problems."""
+  t0 = time.time()
+  grpo_dir = os.path.join(workdir, 'grpo')
+  c = config.grpo
+  c.init_from = c.init_from or sft_dir
+  result = grpo.run(c, grpo_dir)
+  if not result.completed:
+    raise SystemExit(143)
+  seconds = time.time() - t0
+  after = evaluate_accuracy(grpo_dir)
+  before = evaluate_accuracy(c.init_from, task_from=grpo_dir)
+  with open(os.path.join(grpo_dir, 'metrics.jsonl')) as f:
+    records = [r for r in map(json.loads, f) if r['step'] > 0]
+  mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+  n = max(1, min(5, len(records) // 4))
+  split = {k: mean(records, f'time_{k}_s') for k in ('generate', 'logprobs', 'update', 'step')}
+  report['grpo'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
+                    'accuracy_after': after['accuracy'],
+                    'reward_first': mean(records[:n], 'reward_mean'),
+                    'reward_last': mean(records[-n:], 'reward_mean'),
+                    'time_split': split, 'samples': after['samples']}
+  g = report['grpo']
+  pct = lambda k: f'{split[k] / split["step"]:.0%}'
+  return [('grpo', 'task', f'{c.data.source}, {c.train.batch_size // c.grpo.num_generations} '
+                           f'prompts x {c.grpo.num_generations} samples, {result.step} steps, '
+                           f'loss {c.grpo.loss_type}'),
+          ('grpo', 'exact-match accuracy', f'{g["accuracy_before"]:.0%} (SFT) -> '
+                                           f'{g["accuracy_after"]:.0%}'),
+          ('grpo', 'mean reward', f'{g["reward_first"]:.2f} (first {n} steps) -> '
+                                  f'{g["reward_last"]:.2f} (last {n})'),
+          ('grpo', 'step time split', f'generation {pct("generate")}, log-probs '
+                                      f'{pct("logprobs")}, updates {pct("update")}'),
+          ('grpo', 'wall time', f'{seconds:.0f} s')]
 
 
 def main():

@@ -167,17 +167,26 @@ class Llama(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings else _linear(
         cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, *,
+               return_hidden: bool = False):
     """tokens [B, T] -> logits [B, T, vocab] in fp32, and the updated cache when one is given.
 
     positions: [B, T] position of each token in its sequence (default 0..T-1); with a cache they
     are also the cache indices written. segment_ids: [B, T] document ids of packed rows (training).
+    return_hidden: return the final-norm hidden states [B, T, d_model] instead of the logits, for
+    callers that apply `head` to a few positions at a time (chunked log-probs). It is a flag of
+    `__call__` rather than a call of `hidden_states` because qwix's LoRA intercepts `__call__`
+    only: a LoRA model must be run through it.
     """
     x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    out = x if return_hidden else self.head(x)
+    return out if cache is None else (out, new_cache)
+
+  def head(self, x):
+    """Final-norm hidden states [B, T, d_model] -> fp32 logits [B, T, vocab]."""
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'),
-                       self.rules)
-    return logits if cache is None else (logits, new_cache)
+    return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'),
+                     self.rules)
 
   def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
     """The final-norm hidden states [B, T, d_model] (what the LM head reads; a reward or value

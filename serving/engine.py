@@ -49,36 +49,62 @@ class SamplingParams:
     if self.top_k < 0:
       raise ValueError(f'top_k must be >= 0, got {self.top_k}')
 
+  @property
+  def mode(self) -> str:
+    """The cheapest decode path that serves it (one of MODES)."""
+    if self.temperature == 0:
+      return 'greedy'
+    return 'filtered' if self.top_k > 0 or self.top_p < 1 else 'sample'
 
-def sample_tokens(logits, key_data, positions, temperature, top_k, top_p, greedy_only=False):
+
+# Decode paths, cheapest first: argmax; a draw from softmax(logits / T); a draw after top-k /
+# top-p filtering, which sorts the vocabulary of every row (on a CPU that sort took 86 of the
+# 94 ms of sampling 64 rows over 8,000 tokens, against 8 ms for the plain draw).
+MODES = ('greedy', 'sample', 'filtered')
+
+
+def sample_tokens(logits, key_data, positions, temperature, top_k, top_p, mode='filtered'):
   """One token per row of logits [B, V] with the row's own sampling parameters.
 
   Returns (tokens [B], log-probs [B]) with log-probs under the untempered distribution. Random
   draws use fold_in(row key, position of the new token), so a seeded request gives the same
-  tokens whichever slot or batch it lands in. greedy_only (static) skips the sampling path; the
-  engine compiles both and picks on the host, since a `lax.cond` on a device predicate made the
-  GPU wait for the host every step (1.6 ms of a 3.5 ms step at 374m, bench/RESULTS.md).
+  tokens whichever slot or batch it lands in. mode (static, one of MODES) is the most general
+  path the rows need: 'greedy' only takes the argmax, 'sample' ignores top_k / top_p. The engine
+  compiles each and picks on the host, since a `lax.cond` on a device predicate made the GPU
+  wait for the host every step (1.6 ms of a 3.5 ms step at 374m, bench/RESULTS.md).
   """
   greedy = jnp.argmax(logits, axis=-1)
 
-  def sampled():
+  def filtered(scaled):
     vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     desc = -jnp.sort(-scaled, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     in_top_k = jnp.arange(vocab)[None] < k[:, None]
     probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
-    # Top-p over the top-k renormalised: keep token i iff the mass before it is < top_p.
-    keep = in_top_k & ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+    # Top-p over the top-k renormalised: keep token i iff the mass before it is < top_p. A row
+    # with top_p = 1 keeps all of its top k (the cumulative sum can round to 1 before the tail),
+    # so such a row draws exactly what the 'sample' path draws.
+    keep = in_top_k & (((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+                       | (top_p[:, None] >= 1.0))
     n_keep = jnp.maximum(keep.sum(axis=-1), 1)
     threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
-    masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+  def sampled():
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    masked = filtered(scaled) if mode == 'filtered' else scaled
     keys = jax.vmap(lambda d, p: jax.random.fold_in(jax.random.wrap_key_data(d), p))(
         key_data, positions)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked)
+    # Inverse-CDF draw: one uniform per row against the cumulative probabilities. Gumbel-max
+    # (jax.random.categorical) draws one random number per vocabulary entry, which took 5x as
+    # long on a CPU for 64 rows of 8,000 tokens (15 ms against 3). u > 0, so a token of zero
+    # probability is never drawn.
+    cdf = jnp.cumsum(jax.nn.softmax(masked, axis=-1), axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, minval=jnp.finfo(jnp.float32).tiny))(keys)
+    drawn = jnp.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
     return jnp.where(temperature > 0, drawn, greedy)
 
-  tokens = greedy if greedy_only else sampled()
+  tokens = greedy if mode == 'greedy' else sampled()
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
   return tokens.astype(jnp.int32), logp
 
@@ -114,12 +140,13 @@ class Engine:
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
     self._insert = jax.jit(_insert, donate_argnums=1)
     self._first_token = jax.jit(_first_token)
-    # Two compiled steps: all slots greedy (the common serving and eval case, no vocabulary
-    # sort), or some sampling. The host knows which from the requests it inserted.
-    self._generate = {greedy: jax.jit(functools.partial(_generate, self.graphdef, self.max_len,
-                                                        greedy), donate_argnums=1)
-                      for greedy in (True, False)}
-    self._sampling_slots = set()  # Slots whose current request samples (temperature > 0).
+    # One compiled step per decode path (MODES): all slots greedy (the common serving and eval
+    # case), some sampling, some with top-k / top-p (the vocabulary sort). The host knows which
+    # from the requests it inserted.
+    self._generate = {mode: jax.jit(functools.partial(_generate, self.graphdef, self.max_len,
+                                                      mode), donate_argnums=1)
+                      for mode in MODES}
+    self._slot_modes = {}  # slot -> decode mode of the request it holds.
     self._init_state = jax.jit(self._empty_state, out_shardings=self._state_shardings())
 
   @classmethod
@@ -158,22 +185,19 @@ class Engine:
     with self._mesh_context():
       prefix = self._prefill(params, padded_tokens, jnp.int32(true_length),
                              *_sampling_args(sampling or SamplingParams()))
-    return dict(prefix, sampled=(sampling or SamplingParams()).temperature > 0)
+    return dict(prefix, mode=(sampling or SamplingParams()).mode)
 
   def resample(self, prefix, sampling: SamplingParams):
     """The same prompt's prefix with its first token drawn anew under `sampling`: n samples of
     one prompt share one prefill (RL rollouts draw several per prompt)."""
-    prefix = {k: v for k, v in prefix.items() if k != 'sampled'}
+    prefix = {k: v for k, v in prefix.items() if k != 'mode'}
     with self._mesh_context():
       prefix = self._first_token(prefix, *_sampling_args(sampling))
-    return dict(prefix, sampled=sampling.temperature > 0)  # A host-side flag for `generate`.
+    return dict(prefix, mode=sampling.mode)  # A host-side flag for `generate`.
 
   def insert(self, prefix, decode_state, slot: int):
     prefix = dict(prefix)
-    if bool(prefix.pop('sampled', True)):
-      self._sampling_slots.add(slot)
-    else:
-      self._sampling_slots.discard(slot)
+    self._slot_modes[slot] = prefix.pop('mode', 'filtered')
     with self._mesh_context():
       return self._insert(prefix, decode_state, jnp.int32(slot))
 
@@ -185,7 +209,8 @@ class Engine:
     and `valid` is False once the slot's cache is full.
     """
     with self._mesh_context():
-      return self._generate[not self._sampling_slots](params, decode_state)
+      mode = max(self._slot_modes.values(), key=MODES.index, default='greedy')
+      return self._generate[mode](params, decode_state)
 
   def init_decode_state(self, *args, **kwargs):
     with self._mesh_context():
@@ -297,12 +322,12 @@ def _insert(prefix, state, slot):
   }
 
 
-def _generate(graphdef, max_len, greedy_only, params, state):
+def _generate(graphdef, max_len, mode, params, state):
   model = nnx.merge(graphdef, params)
   pos = state['pos']
   logits, cache = model(state['tokens'][:, None], pos[:, None], cache=state['cache'])
   nxt, logp = sample_tokens(logits[:, 0], state['key'], pos + 1, state['temperature'],
-                            state['top_k'], state['top_p'], greedy_only)
+                            state['top_k'], state['top_p'], mode)
   returned = state['returned'] + 1
   step = {'tokens': state['tokens'], 'logprobs': state['logprobs'], 'valid': pos < max_len,
           'lengths': returned}

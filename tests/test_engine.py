@@ -102,15 +102,44 @@ def test_new_params_reuse_the_compiled_steps(engine):
   assert [f._cache_size() for f in steps] == sizes
 
 
-def test_all_greedy_slots_take_the_greedy_step(engine):
-  """The host picks the compiled step: greedy-only while no inserted request samples."""
-  before = {g: f._cache_size() for g, f in engine._generate.items()}
+def test_the_host_picks_the_cheapest_decode_step(engine):
+  """Greedy-only while no inserted request samples; the plain draw while none filters by top-k
+  or top-p (no vocabulary sort); the filtering step otherwise."""
+  before = {m: f._cache_size() for m, f in engine._generate.items()}
   offline.generate(engine, PROMPTS[:2], max_tokens=3)
-  assert not engine._sampling_slots
+  assert set(engine._slot_modes.values()) == {'greedy'}
   offline.generate(engine, PROMPTS[:2], max_tokens=3, sampling=SamplingParams(temperature=0.7))
-  assert engine._sampling_slots
-  after = {g: f._cache_size() for g, f in engine._generate.items()}
-  assert after[True] >= 1 and after[False] >= 1 and after[True] >= before[True]
+  assert set(engine._slot_modes.values()) == {'sample'}
+  offline.generate(engine, PROMPTS[:2], max_tokens=3,
+                   sampling=SamplingParams(temperature=0.7, top_k=5))
+  assert set(engine._slot_modes.values()) == {'filtered'}
+  after = {m: f._cache_size() for m, f in engine._generate.items()}
+  assert all(after[m] >= 1 and after[m] >= before[m] for m in after)
+
+
+def test_plain_sampling_draws_what_the_filtering_path_draws_without_filters():
+  """A seeded request gives the same tokens whichever step its neighbours make the engine take."""
+  logits = jax.random.normal(jax.random.key(3), (16, 300)) * 3
+  keys = jax.random.key_data(jax.random.split(jax.random.key(4), 16))
+  args = (logits, keys, jnp.arange(16), jnp.full((16,), 0.9), jnp.zeros((16,), jnp.int32),
+          jnp.ones((16,)))
+  for a, b in zip(sample_tokens(*args, mode='sample'), sample_tokens(*args, mode='filtered')):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('mode, top_k, probs', [
+    ('sample', 0, [0.1, 0.2, 0.7, 0.0]),
+    ('filtered', 2, [0.0, 0.2 / 0.9, 0.7 / 0.9, 0.0]),  # top-2 of [0.1, 0.2, 0.7, 0]
+])
+def test_sampled_tokens_follow_the_distribution(mode, top_k, probs):
+  n = 20000
+  logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.7, 0.0]] * n))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(5), n))
+  tokens, _ = sample_tokens(logits, keys, jnp.zeros((n,), jnp.int32), jnp.ones((n,)),
+                            jnp.full((n,), top_k), jnp.ones((n,)), mode=mode)
+  freq = np.bincount(np.asarray(tokens), minlength=4) / n
+  np.testing.assert_allclose(freq, probs, atol=0.012)  # ~4 standard errors
+  assert freq[3] == 0  # a token of probability 0 is never drawn
 
 
 def test_a_full_cache_ends_the_sequence(model):

@@ -9,11 +9,11 @@ from launch import pipeline
 
 def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
   config = pipeline_config.get_config('tiny')
-  config.pretrain.mesh.data = config.sft.mesh.data = 1
+  config.pretrain.mesh.data = config.sft.mesh.data = config.grpo.mesh.data = 1
   config.pretrain.data.max_chars = 200_000
   report = pipeline.run(config, str(tmp_path))
   out = capsys.readouterr().out
-  for stage in ('pretrain', 'sft'):
+  for stage in ('pretrain', 'sft', 'grpo'):
     assert os.path.exists(tmp_path / stage / 'metrics.jsonl'), stage
   assert report['pretrain']['final_loss'] < report['pretrain']['first_loss']
   assert report['eval']['perplexity'] < 512  # Below uniform over the tiny vocabulary.
@@ -22,4 +22,6 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
   assert 0 <= report['sft']['accuracy_before'] <= 1
   with open(tmp_path / 'report.json') as f:
     assert json.load(f)['eval']['perplexity'] == report['eval']['perplexity']
-  assert 'held-out perplexity' in out and 'exact-match accuracy' in out
+  assert report['grpo']['steps'] == config.grpo.train.steps
+  assert 0 <= report['grpo']['accuracy_after'] <= 1
+  assert 'held-out perplexity' in out and 'exact-match accuracy' in out and 'grpo' in out

@@ -60,7 +60,7 @@ class Result:
   metrics: dict  # The last logged metrics.
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop checks after every step."""
 
   def __init__(self):
@@ -104,40 +104,25 @@ def _accumulate(loss_and_grad, params, batch, rng, micro_batches):
   return total
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
-          train_iter: Iterator[dict], eval_batches: list[dict] | None, *, mesh, rules,
-          trainable: Any = nnx.Param, extra_meta: dict | None = None,
-          token_loss: bool = True) -> Result:
-  """Trains `model` in place of its `trainable` variables for config.train.steps steps.
+def metric_means(metric_sums: dict, weight) -> dict:
+  """A loss function's metric sums as means: sum / the loss weight, or sum / count for a metric
+  given as a (sum, count) pair (one with its own normaliser, such as a per-token rate in a loss
+  weighted per sequence)."""
+  return {k: v[0] / jnp.maximum(v[1], 1.0) if isinstance(v, tuple) else v / weight
+          for k, v in metric_sums.items()}
 
-  Resumes from the newest checkpoint in workdir/checkpoints if there is one (model, optimizer and
-  data iterator), so running the same command again continues the run exactly. token_loss says
-  the loss is a mean token cross-entropy, so exp(eval_loss) is reported as eval_perplexity.
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef, frozen, loss_fn: LossFn,
+                    tx: optax.GradientTransformation):
+  """The optimizer step every stage shares (the RL stages call it once per minibatch):
+
+    train_step(params, opt_state, batch, step) -> (params, opt_state, metrics)
+
+  summing the loss over config.train.grad_accum micro-batches, dividing by the summed weight,
+  applying tx, and guarding against non-finite values. The step's random key is
+  fold_in(key(config.seed), step). Jit it with donate_argnums=(0, 1).
   """
   t = config.train
-  if t.batch_size % t.grad_accum:
-    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
-                     f'train.grad_accum={t.grad_accum}')
-  graphdef, params, frozen = nnx.split(model, trainable, ...)
-  tx = make_optimizer(config)
-  opt_state = tx.init(params)  # Eager: zeros_like keeps each parameter's sharding.
-  # Scalars such as Adam's step count come out on one device; replicate them over the mesh up
-  # front, or the first step returns them resharded and the second step compiles again.
-  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_state = jax.tree.map(
-      lambda x: x if isinstance(getattr(x, 'sharding', None), NamedSharding)
-      else jax.device_put(x, replicated), opt_state)
-  schedule = learning_rate_schedule(config)
-
-  ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    restored = ckpt.restore(start, params, opt_state, train_iter)
-    params, opt_state = restored['params'], restored['opt_state']
-    print(f'Resumed from {workdir}/checkpoints/{start}.')
-  if start >= t.steps or (t.stop_after and start >= t.stop_after):
-    ckpt.close()  # Nothing to do: finished, or already stopped where train.stop_after says.
-    return Result(nnx.merge(graphdef, params, frozen), start, start >= t.steps, {})
 
   def loss_and_grad(p, batch, rng):
     def f(p):
@@ -160,8 +145,63 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     out = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
-           **{k: v / weight for k, v in metric_sums.items()}}
+           **metric_means(metric_sums, weight)}
     return keep(new_params, params), keep(new_opt_state, opt_state), out
+
+  return train_step
+
+
+def raise_if_not_finite(out: dict, step: int, last_good_step: int | None):
+  """Stops the run after train_step reported a non-finite loss or gradient (never applied)."""
+  if not out['finite']:
+    raise FloatingPointError(
+        f'loss or gradient became NaN/Inf at or before step {step} (loss={out["loss"]}, '
+        f'grad_norm={out["grad_norm"]}); the update was not applied and the newest good '
+        f'checkpoint (step {last_good_step}) is kept. Lower optimizer.learning_rate '
+        f'or check the data.')
+
+
+def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
+  """tx.init(params), every leaf placed on the mesh."""
+  opt_state = tx.init(params)  # Eager: zeros_like keeps each parameter's sharding.
+  # Scalars such as Adam's step count come out on one device; replicate them over the mesh up
+  # front, or the first step returns them resharded and the second step compiles again.
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(
+      lambda x: x if isinstance(getattr(x, 'sharding', None), NamedSharding)
+      else jax.device_put(x, replicated), opt_state)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
+          train_iter: Iterator[dict], eval_batches: list[dict] | None, *, mesh, rules,
+          trainable: Any = nnx.Param, extra_meta: dict | None = None,
+          token_loss: bool = True) -> Result:
+  """Trains `model` in place of its `trainable` variables for config.train.steps steps.
+
+  Resumes from the newest checkpoint in workdir/checkpoints if there is one (model, optimizer and
+  data iterator), so running the same command again continues the run exactly. token_loss says
+  the loss is a mean token cross-entropy, so exp(eval_loss) is reported as eval_perplexity.
+  """
+  t = config.train
+  if t.batch_size % t.grad_accum:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
+                     f'train.grad_accum={t.grad_accum}')
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
+  tx = make_optimizer(config)
+  opt_state = init_optimizer_state(tx, params, mesh)
+  schedule = learning_rate_schedule(config)
+
+  ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    restored = ckpt.restore(start, params, opt_state, train_iter)
+    params, opt_state = restored['params'], restored['opt_state']
+    print(f'Resumed from {workdir}/checkpoints/{start}.')
+  if start >= t.steps or (t.stop_after and start >= t.stop_after):
+    ckpt.close()  # Nothing to do: finished, or already stopped where train.stop_after says.
+    return Result(nnx.merge(graphdef, params, frozen), start, start >= t.steps, {})
+
+  train_step = make_train_step(config, graphdef, frozen, loss_fn, tx)
 
   def eval_step(params, batch):
     loss_sum, weight, metric_sums = loss_fn(nnx.merge(graphdef, params, frozen), batch,
@@ -183,14 +223,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
     loss = float(loss_sum / weight)
     perplexity = {'eval_perplexity': float(np.exp(min(loss, 50.0)))} if token_loss else {}
     return {'eval_loss': loss, **perplexity,
-            **{f'eval_{k}': float(v / weight) for k, v in metric_sums.items()}}
+            **{f'eval_{k}': float(v) for k, v in metric_means(metric_sums, weight).items()}}
 
   writer = MetricsWriter(workdir, start_step=start, total_steps=t.steps)
   meta = {'seed': config.seed, **(extra_meta or {})}  # The step RNG is fold_in(key(seed), step).
   last_metrics, step, stop_reason = {}, start, None
   window_start, window_tokens = None, 0
   try:
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
       while step < t.steps:
         batch = to_global_batch(next(train_iter), sharding)
         tokens = int(np.prod(batch['inputs'].shape))
@@ -210,12 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
         do_eval = eval_batches and (is_last or (t.eval_every and step % t.eval_every == 0))
         if step % t.log_every == 0 or is_last or do_eval or stop_reason:
           out = jax.device_get(out)
-          if not out['finite']:
-            raise FloatingPointError(
-                f'loss or gradient became NaN/Inf at or before step {step} (loss={out["loss"]}, '
-                f'grad_norm={out["grad_norm"]}); the update was not applied and the newest good '
-                f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate '
-                f'or check the data.')
+          raise_if_not_finite(out, step, ckpt.latest_step())
           elapsed = time.perf_counter() - window_start
           metrics = {'loss': float(out['loss']), 'lr': float(schedule(step - 1)),
                      'grad_norm': float(out['grad_norm']),

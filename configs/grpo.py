@@ -1,0 +1,83 @@
+"""GRPO and its family (trainers/grpo.py) from a fine-tuned workdir, on prompts with verifiable
+answers.
+
+  python -m trainers.grpo --config=configs/grpo.py:tiny --workdir=runs/grpo \
+      --config.init_from=runs/sft
+  python -m eval.accuracy --workdir=runs/grpo
+
+Each step draws train.batch_size / grpo.num_generations prompts, generates num_generations
+completions of each through the serving engine, scores them (rl.rewards: the answer verifier
+and the format check), and takes rl.updates_per_batch optimizer steps. train.steps counts RL
+steps; the learning-rate schedule (optimizer.warmup_steps included) counts optimizer updates.
+With init_from the architecture is always that workdir's own (LoRA: set lora.rank, as in
+configs/lora.py; QLoRA: also lora.weight_qtype='nf4').
+
+Presets (the `:arg`):
+  tiny   tests: from a tiny SFT run, 8 prompts x 4 completions per step, completions of up to
+         32 tokens. Measured times and results are in bench/RESULTS.md.
+  small  the CPU demo (make demo): from the demo's SFT model on its arithmetic task,
+         8 prompts x 8 completions per step.
+  gpu    a GPU shape (not yet measured): gsm_symbolic from an imported or SFT model, 16 prompts x
+         16 completions of up to 512 tokens, bf16.
+"""
+import ml_collections
+
+from configs import sft
+from configs.base import base_config, rl_config
+
+_PRESETS = {
+    'tiny': dict(steps=40, batch=32, group=4, completion=48, lr=1e-3, warmup=2, eval_every=20),
+    'small': dict(steps=60, batch=64, group=8, completion=40, lr=3e-4, warmup=5, eval_every=20),
+    'gpu': dict(steps=200, batch=256, group=16, completion=512, lr=1e-6, warmup=10,
+                eval_every=50),
+}
+
+
+def get_config(arg: str = 'tiny'):
+  if arg not in _PRESETS:
+    raise ValueError(f'configs/grpo.py: unknown preset {arg!r}; choose from {sorted(_PRESETS)}')
+  p = _PRESETS[arg]
+  c = base_config()
+  c.model.preset = '374m' if arg == 'gpu' else arg
+  c.init_from = ''  # Required: the fine-tuned workdir; it is both the start and the reference.
+  # Prompts with answers (data/prompts.py): basic_arithmetic, chain_sum, products, gsm_symbolic,
+  # several joined with '+', or a .jsonl of {"prompt" | "messages", "answer"}.
+  c.data.source = 'gsm_symbolic' if arg == 'gpu' else 'basic_arithmetic'
+  sft.add_task_keys(c)  # The task's shape: keep it equal to the init_from SFT run's.
+  c.eval.num_problems = 100  # Held-out prompts scored greedily at eval steps (eval_accuracy).
+  c.lora = sft.lora_keys()
+
+  c.rl = rl_config()
+  c.rl.max_completion_tokens = p['completion']
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.num_generations = p['group']  # G, completions per prompt (at least 2).
+  # How token losses are averaged: grpo, bnpo, dr_grpo, dapo, gspo or gspo_token (see
+  # trainers/grpo.py).
+  c.grpo.loss_type = 'grpo'
+  c.grpo.beta = 0.04  # Weight of the k3 KL penalty to the reference (0 = none; KL still logged).
+  # Clipped ratio range [1 - epsilon_low, 1 + epsilon_high]; epsilon_high > epsilon_low is DAPO's
+  # clip-higher (0.28). GSPO's sequence ratios want ~3e-4 / 4e-4.
+  c.grpo.epsilon_low = 0.2
+  c.grpo.epsilon_high = 0.2
+  c.grpo.advantage = 'group'  # 'group' (mean baseline) or 'rloo' (leave-one-out baseline).
+  # Divide advantages by the group's std ('group'), the batch's ('batch') or not ('none');
+  # 'auto' = 'none' for dr_grpo and rloo, 'group' otherwise.
+  c.grpo.scale_rewards = 'auto'
+  c.grpo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal, draw more.
+  c.grpo.max_draws = 3  # Generation rounds per step at most, with dynamic sampling.
+
+  c.train.steps = p['steps']  # RL steps (rollout batches).
+  c.train.batch_size = p['batch']  # Completions per step: prompts x num_generations.
+  c.train.log_every = 1
+  c.train.checkpoint_every = 20
+  c.train.eval_every = p['eval_every']
+  c.optimizer.learning_rate = p['lr']
+  c.optimizer.warmup_steps = p['warmup']  # In optimizer updates.
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.min_lr_ratio = 1.0  # Constant after warmup, as RL fine-tuning usually runs.
+  if arg == 'gpu':
+    c.data.num_examples = 20000
+    c.eval.max_new_tokens = 512
+    c.rl.max_slots = 256
+    c.rl.logprob_chunk = 128
+  return c

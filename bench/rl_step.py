@@ -63,7 +63,8 @@ def build(args, config):
     model = llama.create_model(cfg, seed=0, mesh=mesh, rules=config.sharding_rules)
   else:
     model = common.load_init_from(config, common.model_config(config, tokenizer.vocab_size), mesh)
-  policy = rl.Policy(model, None, chunk=args.chunk)
+  policy = rl.Policy(model, None, chunk=args.chunk, engine_dtype=rl.engine_dtype(config, model.cfg),
+                     mesh=mesh)
   rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out, group_size=args.group,
                          mesh=mesh, rules=config.sharding_rules)
   return policy, rollouts, mesh
@@ -168,10 +169,17 @@ def logprob_memory(args):
 
     compiled = jax.jit(loss_and_grad).lower(policy.initial_params, batch).compile()
     out[chunk] = compiled.memory_analysis().temp_size_in_bytes
+
+  def body_only(p, b):  # The same model without its vocabulary projection: the baseline.
+    return jax.grad(lambda p: nnx.merge(policy.graphdef, p, policy.frozen)(
+        b['inputs'], b['positions'], return_hidden=True).astype(jnp.float32).sum())(p)
+
+  base = jax.jit(body_only).lower(policy.initial_params, batch).compile()
   vocab = policy.engine_model.cfg.vocab_size
   return {'rows': rows, 'length': length, 'vocab': vocab,
           'logits_bytes': rows * length * vocab * 4, 'temp_bytes_unchunked': out[0],
-          'temp_bytes_chunked': out[args.chunk], 'chunk': args.chunk}
+          'temp_bytes_chunked': out[args.chunk], 'chunk': args.chunk,
+          'temp_bytes_without_head': base.memory_analysis().temp_size_in_bytes}
 
 
 def main():
@@ -179,7 +187,8 @@ def main():
   parser.add_argument('--init_from', default='runs/demo/sft',
                       help='SFT workdir: tokenizer, task, and the weights unless --preset')
   parser.add_argument('--preset', default='', help='random weights of this preset instead')
-  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--dtype', default='bfloat16', help='trainer compute dtype (the engine '
+                      'follows rl.engine_dtype: float32 on a CPU)')
   parser.add_argument('--prompts', type=int, default=8)
   parser.add_argument('--group', type=int, default=8)
   parser.add_argument('--new', type=int, default=40, help='max completion tokens')
@@ -213,10 +222,14 @@ def main():
   if 'memory' in parts:
     m = logprob_memory(args)
     mib = lambda b: f'{b / 2 ** 20:,.1f} MiB'
+    head = lambda k: m[k] - m['temp_bytes_without_head']
     print(f'loss + gradient of {m["rows"]} rows x {m["length"]} positions, vocab {m["vocab"]} '
           f'(the fp32 logits: {mib(m["logits_bytes"])}): XLA temporary memory '
           f'{mib(m["temp_bytes_unchunked"])} at once, {mib(m["temp_bytes_chunked"])} in chunks of '
-          f'{m["chunk"]} ({m["temp_bytes_unchunked"] / max(m["temp_bytes_chunked"], 1):.1f}x less)')
+          f'{m["chunk"]}; of which the vocabulary projection (over the '
+          f'{mib(m["temp_bytes_without_head"])} of the model without it): '
+          f'{mib(head("temp_bytes_unchunked"))} at once, {mib(head("temp_bytes_chunked"))} '
+          f'chunked ({head("temp_bytes_unchunked") / max(head("temp_bytes_chunked"), 1):.1f}x less)')
 
 
 if __name__ == '__main__':

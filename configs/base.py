@@ -104,6 +104,9 @@ def rl_config() -> ml_collections.ConfigDict:
   r.top_k = 0  # Sample among the k likeliest tokens (0 = all).
   r.top_p = 1.0  # Nucleus sampling mass (1 = all).
   r.max_slots = 64  # Decode slots of the engine (sequences generated at once).
+  # Compute dtype of the rollout engine (same weights as the trainer): 'auto' = float32 on a CPU,
+  # where it decodes 1.7x faster than bfloat16, else the model's dtype; or 'float32'/'bfloat16'.
+  r.engine_dtype = 'auto'
   # Rewards (data/rewards.py): built-in names or 'module:function' paths, with their weights.
   r.rewards = ('accuracy', 'format')
   r.reward_weights = (1.0, 0.1)

@@ -139,9 +139,10 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
                     'time_split': split, 'samples': after['samples']}
   g = report['grpo']
   pct = lambda k: f'{split[k] / split["step"]:.0%}'
+  kind = f'LoRA rank {c.lora.rank}' if c.lora.rank else 'full'
   return [('grpo', 'task', f'{c.data.source}, {c.train.batch_size // c.grpo.num_generations} '
                            f'prompts x {c.grpo.num_generations} samples, {result.step} steps, '
-                           f'loss {c.grpo.loss_type}'),
+                           f'{kind}, loss {c.grpo.loss_type}'),
           ('grpo', 'exact-match accuracy', f'{g["accuracy_before"]:.0%} (SFT) -> '
                                            f'{g["accuracy_after"]:.0%}'),
           ('grpo', 'mean reward', f'{g["reward_first"]:.2f} (first {n} steps) -> '

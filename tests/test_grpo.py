@@ -198,3 +198,32 @@ def test_jsonl_prompt_sources_are_validated_line_by_line(tmp_path):
   with pytest.raises(ValueError, match='bad2.jsonl:1.*answer'):
     prompt_sources.jsonl_prompts(_write_jsonl(tmp_path / 'bad2.jsonl',
                                               [{'prompt': 'x', 'answer': [1]}]))
+
+
+def test_qlora_grpo_runs_over_an_nf4_base(tiny_sft_workdir, tmp_path):
+  run = str(tmp_path / 'qlora_grpo')
+  config = _config(tiny_sft_workdir, **{
+      'train.steps': 2, 'train.eval_every': 0, 'lora.rank': 4, 'lora.alpha': 8.0,
+      'lora.weight_qtype': 'nf4', 'lora.tile_size': 32})
+  assert grpo.run(config, run).completed
+  records = [r for r in read_metrics(run) if r['step'] > 0]
+  # The engine runs the dequantized base + adapters the trainer computes with.
+  assert all(r['mismatch_abs_max'] < 1e-2 for r in records), records
+
+
+def test_eval_accuracy_samples_and_scores_a_user_jsonl(tiny_sft_workdir, tmp_path):
+  from eval.accuracy import evaluate_accuracy, majority_answer
+  assert majority_answer(['3', '4', '3.0', None, '4']) == '3'  # 3 and 3.0 count together; a
+  assert majority_answer([None, 'x']) == 'x'                   # tie goes to the first reached
+  assert majority_answer([None]) is None
+  data = _write_jsonl(tmp_path / 'mine.jsonl', [
+      {'messages': [{'role': 'user', 'content': f'Calculate {a} + {b} - 1.'}], 'answer': a + b - 1}
+      for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]])
+  out = evaluate_accuracy(tiny_sft_workdir, data=data, samples=4, temperature=1.0)
+  assert out['problems'] == 4 and out['source'] == data
+  assert 0 <= out['sample_accuracy'] <= out['pass@4'] <= 1 and 0 <= out['maj@4'] <= 1
+  assert 'eval_loss' not in out  # a prompt set has no reference conversations
+  assert os.path.exists(os.path.join(tiny_sft_workdir, 'eval_accuracy_mine.json'))
+  with pytest.raises(ValueError, match='no "answer"'):
+    evaluate_accuracy(tiny_sft_workdir, data=_write_jsonl(tmp_path / 'bare.jsonl',
+                                                          [{'prompt': 'hi'}]))

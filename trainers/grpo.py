@@ -213,7 +213,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if spec is not None:
     with jax.set_mesh(mesh):
       base = lora.apply_lora(base, spec, seed=config.seed)
-  policy = rl.Policy(base, spec, chunk=config.rl.logprob_chunk)
+  policy = rl.Policy(base, spec, chunk=config.rl.logprob_chunk,
+                     engine_dtype=rl.engine_dtype(config, model_cfg), mesh=mesh)
   rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out,
                          group_size=algorithm.group_size, mesh=mesh, rules=config.sharding_rules)
   rl.check_config(config, model_cfg, max_prompt=rollouts.max_prompt)

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data import chat, prompts as prompt_sources, rewards as reward_lib
 from models import lora
 from models.checkpoint import Checkpointer
+from models.llama import abstract_model
 from models.losses import token_logprobs
 from serving import offline
 from serving.engine import MIN_BUCKET, Engine, SamplingParams
@@ -71,21 +72,30 @@ class Policy:
   """The model being trained, as the RL loop needs it: its trainable parameters (all of them, or
   LoRA adapters), the weights the engine runs for them, and the frozen reference."""
 
-  def __init__(self, model: nnx.Module, spec: lora.LoraSpec | None, *, chunk: int):
+  def __init__(self, model: nnx.Module, spec: lora.LoraSpec | None, *, chunk: int,
+               engine_dtype: str = '', mesh=None):
     self.spec, self.chunk = spec, chunk
     self.trainable = nnx.Param if spec is None else nnx.LoRAParam
     self.graphdef, params, self.frozen = nnx.split(model, self.trainable, ...)
     if spec is None:
       # The optimizer step donates the policy's buffers: the reference is its own copy.
       self.reference = jax.tree.map(jnp.copy, params)
-      self.engine_model = nnx.merge(self.graphdef, self.reference, self.frozen)
+      engine_model = nnx.merge(self.graphdef, self.reference, self.frozen)
     else:
       # Adapters at zero give exactly the base: y = xW + s (xA) B with A = B = 0.
       self.reference = jax.tree.map(jnp.zeros_like, params)
-      self.engine_model = lora.merge_lora(model, spec)
+      engine_model = lora.merge_lora(model, spec)
       graphdef, frozen = self.graphdef, self.frozen
       self._merge = jax.jit(lambda p: nnx.state(lora.merge_lora(nnx.merge(graphdef, p, frozen),
                                                                 spec)))
+    # The engine may compute in another dtype than the trainer (the same weights): on a CPU
+    # float32 decodes 1.7x faster than bfloat16, while bfloat16 trains faster (bench/RESULTS.md).
+    cfg = engine_model.cfg
+    if engine_dtype and engine_dtype != cfg.dtype:
+      graphdef, _, _ = abstract_model(dataclasses.replace(cfg, dtype=engine_dtype), mesh,
+                                      model.rules)
+      engine_model = nnx.merge(graphdef, nnx.state(engine_model))
+    self.engine_model = engine_model
     self.initial_params = params
     graphdef, frozen = self.graphdef, self.frozen
     self._logprobs = jax.jit(lambda p, batch: token_logprobs(
@@ -222,6 +232,16 @@ class Rollouts:
         rows['engine_logp'][r, span] = c.logprobs
         r += 1
     return rows
+
+
+def engine_dtype(config, model_cfg) -> str:
+  """rl.engine_dtype, with 'auto' = float32 on a CPU and the model's compute dtype elsewhere."""
+  d = config.rl.engine_dtype
+  if d == 'auto':
+    return 'float32' if jax.default_backend() == 'cpu' else model_cfg.dtype
+  if d not in ('float32', 'bfloat16'):
+    raise ValueError(f"rl.engine_dtype={d!r}: expected 'auto', 'float32' or 'bfloat16'")
+  return d
 
 
 def prompts_per_step(config, group_size: int) -> int:

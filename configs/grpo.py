@@ -31,7 +31,8 @@ from configs import sft
 from configs.base import base_config, rl_config
 
 _PRESETS = {
-    'tiny': dict(steps=40, batch=32, group=4, completion=48, lr=1e-3, warmup=2, eval_every=20),
+    'tiny': dict(steps=40, batch=32, group=4, completion=48, lr=1e-3, warmup=2, eval_every=20,
+                 eval_problems=32),
     'small': dict(steps=30, batch=64, group=8, completion=40, lr=2e-3, warmup=5, eval_every=10,
                   lora_rank=4),
     'gpu': dict(steps=200, batch=256, group=16, completion=512, lr=1e-6, warmup=10,
@@ -50,7 +51,8 @@ def get_config(arg: str = 'tiny'):
   # several joined with '+', or a .jsonl of {"prompt" | "messages", "answer"}.
   c.data.source = 'gsm_symbolic' if arg == 'gpu' else 'basic_arithmetic'
   sft.add_task_keys(c)  # The task's shape: keep it equal to the init_from SFT run's.
-  c.eval.num_problems = 100  # Held-out prompts scored greedily at eval steps (eval_accuracy).
+  # Held-out prompts scored greedily at eval steps (eval_accuracy) and by eval/accuracy.py.
+  c.eval.num_problems = p.get('eval_problems', 100)
   c.lora = sft.lora_keys()
   if p.get('lora_rank'):  # Adapters only: full-parameter GRPO on `small` lost accuracy (below).
     c.lora.rank = p['lora_rank']

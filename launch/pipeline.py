@@ -31,6 +31,21 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
   return '\n'.join([line(rows[0]), line(tuple('-' * w for w in widths))] + [line(r) for r in rows[1:]])
 
 
+def matmul_rate(n: int = 2048) -> float:
+  """The device's fp32 matmul rate in GFLOP/s (best of 3 x 5 products of n x n), printed with the
+  demo's timings so that they can be compared across machines."""
+  x = jax.numpy.ones((n, n), jax.numpy.float32)
+  product = jax.jit(lambda a: a @ a)
+  product(x).block_until_ready()
+  best = float('inf')
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(5):
+      product(x).block_until_ready()
+    best = min(best, (time.perf_counter() - start) / 5)
+  return 2 * n ** 3 / best / 1e9
+
+
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   report, rows = {}, [('stage', 'measure', 'value')]
@@ -81,7 +96,11 @@ def run(config, workdir: str) -> dict:
   print('\nSamples:')
   for sample in report['samples']:
     print(f'--- {sample["prompt"]!r}\n{sample["prompt"]}{sample["continuation"]}')
-  print(f'\nDevice: {jax.devices()[0].device_kind} x {jax.device_count()}\n')
+  rate = matmul_rate()
+  report['device'] = {'kind': jax.devices()[0].device_kind, 'count': jax.device_count(),
+                      'fp32_matmul_gflops': rate}
+  rows.append(('device', 'fp32 matmul', f'{rate:,.0f} GFLOP/s ({jax.devices()[0].device_kind} x '
+                                        f'{jax.device_count()}; compare when timings differ)'))
   print(_table(rows))
   s = report['sft']['samples'][0]
   print(f'SFT sample: {s["question"]!r} -> {s["answer"]!r} (expected {s["expected"]})\n')

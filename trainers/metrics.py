@@ -1,11 +1,15 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard events under tb/, and the console.
 
 On resume the records past the restored step are dropped first, so metrics.jsonl always reads as
-one uninterrupted run.
+one uninterrupted run. The console gets one progress display: on a terminal a live tqdm bar with
+each logged step printed above it; when output goes to a file or a pipe (a log), no bar, only
+the logged steps as plain lines with their progress and ETA, so a log never holds a bar's
+refreshes interleaved with them.
 """
 import json
 import math
 import os
+import sys
 import time
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -20,8 +24,10 @@ class MetricsWriter:
     self._truncate_after(start_step)
     self._file = open(self.path, 'a')
     self._tb = EventFileWriter(os.path.join(workdir, 'tb'))
+    self._live = sys.stderr.isatty()
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
-                          mininterval=1.0, smoothing=0.1)
+                          mininterval=1.0, smoothing=0.1, disable=not self._live)
+    self._total, self._start_step, self._start_time = total_steps, start_step, time.time()
 
   def _truncate_after(self, step: int):
     if not os.path.exists(self.path):
@@ -46,7 +52,13 @@ class MetricsWriter:
                                        summary=summary_pb2.Summary(value=values)))
     self._tb.flush()
     text = ' '.join(f'{k} {_fmt(v)}' for k, v in record.items() if k != 'step')
-    self._bar.write(f'step {step}/{self._bar.total}: {text}')
+    if self._live:
+      self._bar.write(f'step {step}/{self._total}: {text}')
+      return
+    elapsed, done = time.time() - self._start_time, step - self._start_step
+    eta = elapsed / done * (self._total - step) if done > 0 else float('nan')
+    print(f'step {step}/{self._total} ({step / max(self._total, 1):.0%}, {_clock(elapsed)} '
+          f'elapsed, ETA {_clock(eta)}): {text}', flush=True)
 
   def close(self):
     self._bar.close()
@@ -57,6 +69,13 @@ class MetricsWriter:
 def _py(v):
   v = v.item() if hasattr(v, 'item') else v
   return v
+
+
+def _clock(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  minutes, s = divmod(int(seconds), 60)
+  return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{s:02d}s'
 
 
 def _fmt(v):

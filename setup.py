@@ -53,7 +53,9 @@ setup(
         # Llama / Qwen2 and talk to the server through the official openai client.
         # (importlib_resources: TFDS needs it to build the test's local dataset.)
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "transformers>=4.50,<6",
-                 "openai>=1.50", "importlib_resources>=6"],
+                 "openai>=1.50", "importlib_resources>=6",
+                 # transformers' own GGUF reader (the SmolLM2 reference in test_import_export).
+                 "accelerate>=1.0,<2"],
         # bench/ compares against Hugging Face's PyTorch Llama; torch 2.13.0 CPU is on local disk.
         "bench": ["torch==2.13.0", "transformers>=4.50"],
     },

@@ -45,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = None
   c.model.max_seq_len = None
   c.model.tie_embeddings = None
-  c.model.dtype = 'bfloat16'  # Compute dtype of matmuls and attention ('float32' for exact tests).
+  # Compute dtype of matmuls and attention: 'auto' = bfloat16 on GPU/TPU and for training on a
+  # CPU, float32 for inference on a CPU (measured: models.presets.resolve_dtype); or 'float32'
+  # (exact tests) / 'bfloat16'.
+  c.model.dtype = 'auto'
   c.model.param_dtype = 'float32'  # Master weights and optimizer state.
   c.model.remat = 'none'  # Rematerialise each block: 'none', 'full' or 'dots' (save matmul outputs).
   c.model.attention = 'auto'  # 'auto' (cuDNN on GPU, XLA elsewhere), 'xla' or 'cudnn'.

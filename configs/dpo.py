@@ -36,7 +36,10 @@ def get_config(arg: str = 'tiny'):
   c = base_config()
   c.model.preset = arg
   c.init_from = ''  # Required: the fine-tuned workdir; it is both the start and the reference.
-  c.data.source = 'basic_arithmetic'  # basic_arithmetic or chain_sum (data/preferences.py).
+  # basic_arithmetic or chain_sum (built-in pairs), or your own pairs as .jsonl (the formats are in
+  # data/preferences.py), several joined with '+'.
+  c.data.source = 'basic_arithmetic'
+  c.data.eval_fraction = 0.05  # Held-out fraction of a JSONL's pairs (built-in: eval_examples).
   c.data.seq_len = p['seq']  # Tokens per response row; a pair that does not fit is an error.
   c.data.num_examples = 2000  # Generated training problems, one pair each.
   c.data.eval_examples = 100  # Generated held-out problems (eval loss and reward accuracy).
@@ -46,9 +49,17 @@ def get_config(arg: str = 'tiny'):
   c.data.operators = ('+', '-')  # basic_arithmetic's operators, out of '+', '-', '*', '/'.
 
   c.dpo = ml_collections.ConfigDict()
-  # Strength of the pull toward the reference: the implicit reward is beta * log(pi / pi_ref).
+  # The objective (trainers/dpo.py cites each): sigmoid (DPO), robust, hinge, ipo, rpo, and the
+  # reference-free simpo and orpo (no reference pass at all).
+  c.dpo.loss_type = 'sigmoid'
+  # Strength of the pull toward the reference: the implicit reward is beta * log(pi / pi_ref);
+  # for simpo the scale of the mean log-prob reward (its paper uses 2.0-2.5).
   c.dpo.beta = 0.1
-  c.dpo.label_smoothing = 0.0  # Assumed fraction of flipped labels (> 0: conservative DPO).
+  # Assumed fraction of flipped labels, < 0.5 (sigmoid/rpo: conservative DPO; robust: rDPO).
+  c.dpo.label_smoothing = 0.0
+  c.dpo.rpo_alpha = 1.0  # rpo: weight of the chosen response's per-token NLL.
+  c.dpo.simpo_gamma = 0.5  # simpo: the target reward margin gamma.
+  c.dpo.orpo_lambda = 0.1  # orpo: weight of the odds-ratio term beside the NLL.
 
   c.train.steps = p['steps']
   c.train.batch_size = p['batch']  # Pairs per step (each two rows of data.seq_len).

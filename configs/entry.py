@@ -1,14 +1,43 @@
 """The absl entry point every command shares (`python -m trainers.*`, `eval.*`, `launch.*`, ...)."""
+import os
+import sys
+
 from absl import app, flags, logging
 
 
 def run_main(main):
   """app.run(main), with libraries' INFO logs (orbax prints several per checkpoint) hidden unless
-  asked for with --verbosity=0; warnings and errors still show."""
+  asked for with --verbosity=0; warnings and errors still show. The errors a user acts on (a
+  damaged or unwritable checkpoint, a busy workdir) print as one line and exit with status 2,
+  instead of a traceback in which they are hard to find."""
 
   def quiet_main(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
-    return main(argv)
+    sys.unraisablehook = _drop_closed_loop_callbacks
+    from models.checkpoint import CheckpointError
+    from trainers.workdir import WorkdirError
+    try:
+      return main(argv)
+    except (CheckpointError, WorkdirError) as e:
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # Not sys.exit: after a failed restore, orbax's and tensorstore's threads print "Event loop
+      # is closed" tracebacks during interpreter teardown, burying the one line that matters.
+      # Everything of ours is closed by now (the trainers close checkpoints and metrics in
+      # `finally`).
+      os._exit(2)
 
   app.run(quiet_main)
+
+
+_default_unraisablehook = sys.unraisablehook
+
+
+def _drop_closed_loop_callbacks(unraisable):
+  """When an orbax restore fails, tensorstore's callbacks can still post to the asyncio loop orbax
+  has closed, and Python prints each as "Exception ignored ... Event loop is closed" beside the
+  real error. Only that message is dropped; every other unraisable exception prints as usual."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed'):
+    _default_unraisablehook(unraisable)

@@ -32,7 +32,10 @@ def get_config(arg: str = 'tiny'):
   c = base_config()
   c.model.preset = arg
   c.init_from = ''  # Required: the fine-tuned workdir the backbone starts from.
-  c.data.source = 'basic_arithmetic'  # basic_arithmetic or chain_sum (data/preferences.py).
+  # basic_arithmetic or chain_sum (built-in pairs), or your own pairs as .jsonl (the formats are in
+  # data/preferences.py), several joined with '+'.
+  c.data.source = 'basic_arithmetic'
+  c.data.eval_fraction = 0.05  # Held-out fraction of a JSONL's pairs (built-in: eval_examples).
   c.data.seq_len = p['seq']  # Tokens per response row; a pair that does not fit is an error.
   c.data.num_examples = 2000  # Generated training problems, one pair each.
   c.data.eval_examples = 100  # Generated held-out problems (eval loss and accuracy).

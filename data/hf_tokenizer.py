@@ -36,6 +36,21 @@ class HFTokenizer:
     # Batches are padded with pad_id and the padding is masked out, so any id serves when the
     # checkpoint names no pad token (many do not).
     self.pad_id = next(i for i in (ids['pad_token'], self.eos_id, 0) if i is not None)
+    self.add_bos = self._adds_bos()
+
+  def _adds_bos(self) -> bool:
+    """Whether a plain text prompt starts with BOS, as transformers encodes it for this checkpoint:
+    tokenizer_config.json's (or the GGUF's) add_bos_token when it says, else whatever the
+    tokenizer.json post-processor adds (Llama 3's adds <|begin_of_text|>; SmolLM2's and Qwen2's
+    add nothing). Prefixing a BOS the model never saw there changes its continuations."""
+    if self.bos_id is None:
+      return False
+    flag = self.config.get('add_bos_token')
+    if flag is not None:
+      return bool(flag)
+    with_special = self._tok.encode('a', add_special_tokens=True).ids
+    return (len(with_special) > len(self._tok.encode('a', add_special_tokens=False).ids)
+            and with_special[0] == self.bos_id)
 
   def _id_of(self, key: str) -> int | None:
     text = _token_text(self.config.get(key))
@@ -65,8 +80,9 @@ class HFTokenizer:
       raise FileNotFoundError(f'{directory} holds no tokenizer.json or tokenizer.model')
     import transformers  # Only the conversion of a sentencepiece-only checkpoint needs it.
     fast = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    config = {key: getattr(fast, key) for key in ('bos_token', 'eos_token', 'pad_token',
-                                                  'unk_token', 'chat_template')}
+    config = {key: getattr(fast, key, None) for key in ('bos_token', 'eos_token', 'pad_token',
+                                                        'unk_token', 'chat_template',
+                                                        'add_bos_token')}
     return cls(fast.backend_tokenizer, config)
 
   def save(self, path: str | os.PathLike) -> None:
@@ -86,6 +102,10 @@ class HFTokenizer:
     head = [self.bos_id] if bos and self.bos_id is not None else []
     tail = [self.eos_id] if eos and self.eos_id is not None else []
     return head + ids + tail
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """A plain-text prompt (completions, eval, RL) as this checkpoint expects it: BOS iff add_bos."""
+    return self.encode(text, bos=self.add_bos)
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     return self._wrap(self._tok.encode(text, add_special_tokens=False).ids, bos, eos)

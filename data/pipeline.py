@@ -42,12 +42,12 @@ def split_documents(docs: Sequence[str], *, eval_fraction: float,
 
 @dataclasses.dataclass
 class TokenStream:
-  tokens: np.ndarray  # int32 [N]: all documents, each as bos + tokens + eos, concatenated
+  tokens: np.ndarray  # int32 [N]: every document as [bos] + tokens + eos (bos iff add_bos)
   doc_ids: np.ndarray  # int32 [N]: the index of the document each token belongs to
 
 
 def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> TokenStream:
-  encoded = tokenizer.encode_batch(docs, bos=True, eos=True)
+  encoded = tokenizer.encode_batch(docs, bos=tokenizer.add_bos, eos=True)
   return TokenStream(np.fromiter(itertools.chain.from_iterable(encoded), np.int32),
                      np.repeat(np.arange(len(docs), dtype=np.int32), [len(ids) for ids in encoded]))
 

@@ -56,6 +56,16 @@ def jsonl_prompts(path: str) -> list[dict]:
   return examples
 
 
+def split_held_out(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+  """(train, held_out) of a user's records: a seeded fraction held out (at least one when the
+  fraction is > 0 and there are two or more records)."""
+  order = list(range(len(examples)))
+  random.Random(seed).shuffle(order)
+  n_eval = (max(1, round(len(examples) * eval_fraction))
+            if eval_fraction > 0 and len(examples) > 1 else 0)
+  return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
 def load_prompts(data_config, seed: int) -> tuple[list[dict], list[dict]]:
   """(train, held_out) prompts of data_config.source, each list in a seeded random order."""
   train, held_out = [], []
@@ -64,13 +74,7 @@ def load_prompts(data_config, seed: int) -> tuple[list[dict], list[dict]]:
       t, h = sft_sources.task_split(name, data_config, seed)
       t, h = _task_prompts(t), _task_prompts(h)
     else:
-      examples = jsonl_prompts(name)
-      order = list(range(len(examples)))
-      random.Random(seed).shuffle(order)
-      n_eval = (max(1, round(len(examples) * data_config.eval_fraction))
-                if data_config.eval_fraction > 0 and len(examples) > 1 else 0)
-      t = [examples[i] for i in order[n_eval:]]
-      h = [examples[i] for i in order[:n_eval]]
+      t, h = split_held_out(jsonl_prompts(name), data_config.eval_fraction, seed)
     train += t
     held_out += h
   rng = random.Random(seed)
@@ -81,5 +85,5 @@ def load_prompts(data_config, seed: int) -> tuple[list[dict], list[dict]]:
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
   if isinstance(prompt, str):
-    return tokenizer.encode(prompt, bos=True)
+    return tokenizer.encode_prompt(prompt)
   return chat.apply_chat_template(tokenizer, prompt, add_generation_prompt=True)

@@ -28,6 +28,7 @@ class Tokenizer:
 
   pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
   FILENAME = 'tokenizer.model'  # Its name in a workdir.
+  add_bos = True  # Every document our models train on starts with BOS, so every prompt does.
 
   def __init__(self, model_proto: bytes):
     self._proto = bytes(model_proto)
@@ -49,6 +50,10 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return self._sp.vocab_size()
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """A plain-text prompt (completions, eval, RL): BOS first, as in training."""
+    return self.encode(text, bos=True)
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     return self._sp.encode(text, add_bos=bos, add_eos=eos)

@@ -88,7 +88,7 @@ def _held_out_loss(model, tokenizer, conversations, seq_len, batch_size) -> floa
 
 def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data: str = '',
                       num_problems: int = 0, samples: int = 0, temperature: float = 1.0,
-                      seed: int = 0, batch_size: int = 32) -> dict:
+                      seed: int = 0, batch_size: int = 32, dtype: str = 'auto') -> dict:
   if samples < 0 or (samples and temperature <= 0):
     raise ValueError(f'--samples={samples} --temperature={temperature}: sampling needs '
                      'samples >= 1 and a temperature > 0')
@@ -98,7 +98,7 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
       raise ValueError(f'--task={task!r}: expected one of {sft_sources.TASKS}')
     config.data.source = task
   tokenizer = load_tokenizer(workdir)
-  model, step = checkpoint.load_model(workdir)
+  model, step = checkpoint.load_model(workdir, dtype=dtype)
   conversations = []
   if data:
     problems = prompt_sources.jsonl_prompts(data)
@@ -124,8 +124,9 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
   greedy = [decode(o) for o in offline.generate(engine, prompts, max_tokens=n_new, eos_id=eos)]
   right = [rewards.answers_match(rewards.extract_answer(text), p['answer'])
            for text, p in zip(greedy, problems)]
-  result = {'workdir': workdir, 'step': int(step), 'source': data or config.data.source,
-            'problems': len(problems), 'accuracy': float(np.mean(right))}
+  result = {'workdir': workdir, 'step': int(step), 'dtype': model.cfg.dtype,
+            'source': data or config.data.source, 'problems': len(problems),
+            'accuracy': float(np.mean(right))}
   if samples:
     outs = offline.generate(engine, prompts, n=samples, max_tokens=n_new, eos_id=eos,
                             sampling=SamplingParams(temperature=temperature, seed=seed))
@@ -162,10 +163,12 @@ def main():
   samples = flags.DEFINE_integer('samples', 0, 'Also draw k samples per problem: pass@k, maj@k.')
   temperature = flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (with --samples).')
   seed = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  dtype = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
+                                "on GPU/TPU), 'float32' or 'bfloat16'.")
   entry.run_main(lambda argv: print(json.dumps(evaluate_accuracy(
       workdir.value, task_from=task_from.value, task=task.value, data=data.value,
       num_problems=num_problems.value, samples=samples.value, temperature=temperature.value,
-      seed=seed.value))))
+      seed=seed.value, dtype=dtype.value))))
 
 
 if __name__ == '__main__':

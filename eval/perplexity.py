@@ -31,7 +31,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int = 0) -> dict:
+def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int = 0,
+                        dtype: str = 'auto') -> dict:
   config = load_run_config(workdir)
   tokenizer = load_tokenizer(workdir)
   corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
@@ -45,7 +46,7 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
   rows = (len(stream.tokens) - 1) // config.data.seq_len
   batches = pipeline.make_eval_batches(stream, seq_len=config.data.seq_len, batch_size=batch_size,
                                        max_batches=max_batches or max(rows // batch_size, 1))
-  model, step = checkpoint.load_model(workdir)
+  model, step = checkpoint.load_model(workdir, dtype=dtype)
 
   @nnx.jit
   def batch_loss(model, batch):
@@ -56,7 +57,7 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
   for batch in batches:
     totals += np.array(jax.device_get(batch_loss(model, batch)))
   loss = float(totals[0] / totals[1])
-  result = {'workdir': workdir, 'step': int(step), 'eval_loss': loss,
+  result = {'workdir': workdir, 'step': int(step), 'dtype': model.cfg.dtype, 'eval_loss': loss,
             'perplexity': float(np.exp(loss)), 'accuracy': float(totals[2] / totals[1]),
             'tokens': int(totals[1]), 'documents': len(eval_docs)}
   with open(os.path.join(workdir, 'eval_perplexity.json'), 'w') as f:
@@ -67,8 +68,10 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
 def main():
   workdir = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
   max_batches = flags.DEFINE_integer('max_batches', 0, 'Batches to evaluate (0 = all held out).')
-  entry.run_main(lambda argv: print(json.dumps(evaluate_perplexity(workdir.value,
-                                                            max_batches=max_batches.value))))
+  dtype = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
+                                "on GPU/TPU), 'float32' or 'bfloat16'.")
+  entry.run_main(lambda argv: print(json.dumps(evaluate_perplexity(
+      workdir.value, max_batches=max_batches.value, dtype=dtype.value))))
 
 
 if __name__ == '__main__':

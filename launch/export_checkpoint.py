@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from configs import entry
 from data.hf_tokenizer import HFTokenizer
 from data.tokenizer import Tokenizer, load_tokenizer
-from launch import hf_weights
+from launch import hf_weights, staging
 from models import checkpoint
 
 FORMATS = ('hf',)
@@ -57,9 +57,10 @@ def _write_tokenizer(tokenizer, out: str) -> None:
   if isinstance(tokenizer, HFTokenizer):
     tokenizer.save(os.path.join(out, HFTokenizer.FILENAME))
     return
-  # Our sentencepiece model: transformers reads it as a Llama tokenizer with our special ids.
+  # Our sentencepiece model: transformers reads it as a Llama tokenizer with our special ids,
+  # adding BOS as our trainers and engine do (every document and prompt starts with it).
   tokenizer.save(os.path.join(out, Tokenizer.FILENAME))
-  config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': False, 'add_eos_token': False,
+  config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True, 'add_eos_token': False,
             'add_prefix_space': False, 'legacy': False, 'bos_token': '<s>', 'eos_token': '</s>',
             'unk_token': '<unk>', 'pad_token': '<pad>'}
   with open(os.path.join(out, 'tokenizer_config.json'), 'w') as f:
@@ -73,12 +74,13 @@ def export_hf(workdir: str, out: str, *, step: int | None = None,
   model, _ = checkpoint.load_model(workdir, step=step)
   if os.path.isdir(out) and os.listdir(out):
     raise FileExistsError(f'{out} is not empty; export into a new directory')
-  os.makedirs(out, exist_ok=True)
-  config = hf_weights.config_to_hf(model.cfg, tokenizer.bos_id, tokenizer.eos_id)
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2)
-  _write_shards(hf_weights.hf_tensors(model), out, max_shard_bytes)
-  _write_tokenizer(tokenizer, out)
+  # Into OUT.incomplete, renamed at the end: an interrupted export never looks complete.
+  with staging.staged_directory(out) as temp:
+    config = hf_weights.config_to_hf(model.cfg, tokenizer.bos_id, tokenizer.eos_id)
+    with open(os.path.join(temp, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
+    _write_shards(hf_weights.hf_tensors(model), temp, max_shard_bytes)
+    _write_tokenizer(tokenizer, temp)
   return out
 
 

@@ -141,6 +141,8 @@ def read_gguf_tokenizer(reader) -> HFTokenizer:
   tok.add_tokens([tokenizers.AddedToken(t, normalized=False)
                   for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
   config = {'chat_template': _field(reader, 'tokenizer.chat_template')}
+  if _field(reader, 'tokenizer.ggml.add_bos_token') is not None:  # SmolLM2's says False.
+    config['add_bos_token'] = bool(_field(reader, 'tokenizer.ggml.add_bos_token'))
   for key in ('bos', 'eos', 'padding', 'unknown'):
     i = _field(reader, f'tokenizer.ggml.{key}_token_id')
     if i is not None:

@@ -22,7 +22,7 @@ from configs import entry
 from configs.base import DEFAULT_SHARDING_RULES, base_config
 from data.hf_tokenizer import HFTokenizer
 from data.tokenizer import save_tokenizer
-from launch import gguf_weights, hf_weights
+from launch import gguf_weights, hf_weights, staging
 from models import checkpoint, presets
 from models.sharding import make_mesh
 
@@ -82,21 +82,26 @@ def run_config(cfg: presets.LlamaConfig, source: str):
 
 
 def import_checkpoint(source: str, workdir: str, *, mesh=None, rules=None):
-  """Writes the workdir; returns the imported model (on `mesh`, else the default device)."""
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileExistsError(f'{workdir} already holds checkpoints; import into a new directory')
+  """Writes the workdir (a new or empty directory) all at once: into WORKDIR.incomplete, renamed
+  at the end (launch/staging.py), so an interrupted import never leaves a workdir that looks
+  complete. Returns the imported model (on `mesh`, else the default device)."""
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise FileExistsError(f'{workdir} already exists and is not empty; import into a new '
+                          'directory')
   cfg, tensors, tokenizer = read_source(source)
   if source in BUILTIN and matching_preset(cfg) != source:
     raise ValueError(f'the {source!r} checkpoint does not match its preset: {cfg}')
-  model = hf_weights.load_params(cfg, tensors, mesh=mesh, rules=rules)
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.save_model_config(workdir, cfg)
-  save_tokenizer(tokenizer, workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(run_config(cfg, source).to_json(indent=2))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
-  ckpt.save(0, nnx.state(model, nnx.Param), meta={'imported_from': source})
-  ckpt.close()
+  with staging.staged_directory(workdir) as temp:
+    model = hf_weights.load_params(cfg, tensors, mesh=mesh, rules=rules)
+    checkpoint.save_model_config(temp, cfg)
+    save_tokenizer(tokenizer, temp)
+    with open(os.path.join(temp, 'config.json'), 'w') as f:
+      f.write(run_config(cfg, source).to_json(indent=2))
+    ckpt = checkpoint.Checkpointer(os.path.join(temp, 'checkpoints'), async_save=False)
+    try:
+      ckpt.save(0, nnx.state(model, nnx.Param), meta={'imported_from': source})
+    finally:
+      ckpt.close()
   return model
 
 

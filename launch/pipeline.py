@@ -23,6 +23,7 @@ from models import checkpoint
 from serving import offline
 from serving.engine import SamplingParams
 from trainers import grpo, pretrain, sft
+from trainers.metrics import read_metrics
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -55,8 +56,7 @@ def run(config, workdir: str) -> dict:
   result = pretrain.run(config.pretrain, pre_dir)
   if not result.completed:
     raise SystemExit(143)
-  with open(os.path.join(pre_dir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  records = read_metrics(os.path.join(pre_dir, 'metrics.jsonl'))
   model_cfg = checkpoint.load_model_config(pre_dir)
   speeds = [r['tokens_per_s'] for r in records if r.get('tokens_per_s')]
   report['pretrain'] = {'params': model_cfg.num_params(), 'steps': result.step,
@@ -81,7 +81,7 @@ def run(config, workdir: str) -> dict:
 
   s = config.samples
   tokenizer = load_tokenizer(pre_dir)
-  prompts = [tokenizer.encode(text, bos=True) for text in s.prompts]
+  prompts = [tokenizer.encode_prompt(text) for text in s.prompts]
   outs = offline.generate(
       offline.engine_for(result.model, prompts, s.max_new_tokens, tokenizer=tokenizer), prompts,
       max_tokens=s.max_new_tokens, eos_id=tokenizer.eos_id,
@@ -146,8 +146,7 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
   seconds = time.time() - t0
   after = evaluate_accuracy(grpo_dir)
   before = evaluate_accuracy(c.init_from, task_from=grpo_dir)
-  with open(os.path.join(grpo_dir, 'metrics.jsonl')) as f:
-    records = [r for r in map(json.loads, f) if r['step'] > 0]
+  records = [r for r in read_metrics(os.path.join(grpo_dir, 'metrics.jsonl')) if r['step'] > 0]
   mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
   n = max(1, min(5, len(records) // 4))
   split = {k: mean(records, f'time_{k}_s') for k in ('generate', 'logprobs', 'update', 'step')}

@@ -5,20 +5,39 @@ Layout under WORKDIR/checkpoints/<step>/: `params` (the trained parameters), `op
 are their own item so eval and serving restore them alone, straight onto their own mesh. Saves are
 asynchronous and atomic (orbax writes a temporary directory and renames it), so a crash mid-save
 never damages the newest complete checkpoint.
+
+Damage that happens outside a save (a half-finished copy to or from a bucket truncates files or
+leaves out `commit_success.txt`) is found when restoring: a trainer resumes from the newest
+checkpoint that restores completely, saying which it skipped and why, and moves the damaged ones
+aside to WORKDIR/damaged_checkpoints/ (kept, never deleted) so that the run can save those steps
+again; readers (eval, export, serving) stop with one CheckpointError naming the checkpoint, the
+item that failed and the older steps to pass as --step.
 """
 import contextlib
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 from flax import nnx
 import orbax.checkpoint as ocp
 
 from models.llama import Llama, abstract_model
-from models.presets import LlamaConfig
+from models.presets import LlamaConfig, resolve_dtype
 
 MODEL_CONFIG_FILE = 'model.json'
+COMMIT_FILE = 'commit_success.txt'  # Orbax writes it last, in the step and in each item.
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored, with what to do about it."""
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+  text = (f'{type(e).__name__}: {e}'.strip().splitlines() or [type(e).__name__])[0]
+  return text if len(text) <= limit else text[:limit] + ' ...'
 
 
 def _abstract(tree):
@@ -33,9 +52,60 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
+    self._pending, self._failed = None, False  # The step of the save in flight; a write failed.
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def incomplete(self, step: int) -> str | None:
+    """Why the step's directory is not a finished checkpoint, or None if it looks finished."""
+    top = self.step_dir(step)
+    for root in [top] + [os.path.join(top, item) for item in sorted(os.listdir(top))]:
+      if os.path.isdir(root) and not os.path.exists(os.path.join(root, COMMIT_FILE)):
+        return (f'{os.path.relpath(root, self.directory)} has no {COMMIT_FILE} (an unfinished '
+                'save or copy)')
+    return None
+
+  def restore_newest(self, restore, log=print):
+    """restore(step) for the newest step that is complete and restores; returns (step, result),
+    or (None, None) with no checkpoints. Steps that fail are skipped with a line saying why and
+    then moved aside to ../damaged_checkpoints/<step> (renamed, not deleted), so the run can
+    save those step numbers again. Raises CheckpointError when no checkpoint restores."""
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      why = self.incomplete(step)
+      if why is None:
+        try:
+          result = restore(step)
+        except Exception as e:  # Orbax and tensorstore raise many kinds.
+          why = _first_line(e)
+        else:
+          if failures:
+            self._set_aside([s for s, _ in failures], log)
+          return step, result
+      log(f'Skipping checkpoint {self.step_dir(step)}: {why}')
+      failures.append((step, why))
+    if failures:
+      raise CheckpointError(
+          f'no checkpoint under {self.directory} restores: '
+          + '; '.join(f'step {s}: {why}' for s, why in failures)
+          + '. Nothing was deleted; restore the directory from a good copy, or start the stage '
+            'in a new --workdir.')
+    return None, None
+
+  def _set_aside(self, steps, log):
+    damaged = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    os.makedirs(damaged, exist_ok=True)
+    for step in steps:
+      target = os.path.join(damaged, str(step))
+      while os.path.exists(target):
+        target += '_'
+      shutil.move(self.step_dir(step), target)
+      log(f'Moved the damaged checkpoint {self.step_dir(step)} to {target} (kept, not deleted).')
+    self.manager.reload()
 
   def save(self, step: int, params, opt_state=None, meta: dict | None = None, data_iter=None,
            force: bool = False):
@@ -46,7 +116,27 @@ class Checkpointer:
       items['opt_state'] = ocp.args.StandardSave(opt_state)
     if hasattr(data_iter, 'get_state'):  # grain iterators; a plain iterator is not saved.
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.wait()  # The previous asynchronous save must have landed (orbax waits anyway).
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:
+      self._failed = True
+      raise self._write_error(step, e) from e
+    self._pending = step
+
+  def _write_error(self, step: int | None, e: Exception) -> CheckpointError:
+    try:
+      free = f'{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free'
+    except OSError:
+      free = 'free space unknown'
+    good = [s for s in sorted(self.manager.all_steps(), reverse=True)
+            if s != step and os.path.isdir(self.step_dir(s)) and self.incomplete(s) is None]
+    target = self.step_dir(step) if step is not None else f'a checkpoint under {self.directory}'
+    return CheckpointError(
+        f'could not write {target} ({_first_line(e)}); {free} on {self.directory}. '
+        + (f'The last good checkpoint, step {good[0]}, is intact: free space (or fix the '
+           f'permissions) and run the same command again to resume from it.' if good else
+           'There is no earlier checkpoint.'))
 
   def restore(self, step: int, params, opt_state=None, data_iter=None):
     """Restores into the shapes, dtypes and shardings of the given (live or abstract) trees."""
@@ -58,8 +148,26 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))
 
+  def check(self):
+    """Raises the CheckpointError of a finished asynchronous save that failed (non-blocking), so
+    a run stops at its next step instead of its next checkpoint."""
+    if self._failed or self._pending is None:
+      return
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:
+      self._failed = True
+      raise self._write_error(self._pending, e) from e
+
   def wait(self):
-    self.manager.wait_until_finished()
+    """Blocks until the last save is on disk; a CheckpointError naming it if it failed."""
+    if self._failed:  # Already reported; the run is stopping.
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # An asynchronous write failed in orbax's thread.
+      self._failed = True
+      raise self._write_error(self._pending, e) from e
 
   def close(self):
     self.manager.close()
@@ -77,6 +185,9 @@ def load_model_config(workdir: str, **overrides) -> LlamaConfig:
   with open(path) as f:
     fields = json.load(f)
   fields.update({k: v for k, v in overrides.items() if v is not None})
+  # A reader's dtype='auto' is chosen for inference (float32 on a CPU); without an override the
+  # dtype the run trained in, as model.json records it.
+  fields['dtype'] = resolve_dtype(fields['dtype'], 'inference')
   return LlamaConfig(**fields)
 
 
@@ -94,17 +205,39 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
   step = ckpt.latest_step() if step is None and ckpt else step
   if ckpt is None or step is None:
     raise FileNotFoundError(f'no checkpoint under {ckpt_dir}')
-  from models import lora  # Here: qwix is only needed for adapter workdirs.
-  spec = lora.read_spec(workdir)
-  if spec is not None:
-    return _load_lora_merged(ckpt, step, spec, mesh, rules, config_overrides), step
-  graphdef, abstract_params, shardings = abstract_model(cfg, mesh, rules)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_params, shardings)
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))
-  ckpt.close()
-  return nnx.merge(graphdef, restored['params']), step
+  try:
+    if step not in ckpt.manager.all_steps():
+      raise CheckpointError(f'{workdir} has no checkpoint at step {step}; it has steps '
+                            f'{sorted(ckpt.manager.all_steps())}')
+    from models import lora  # Here: qwix is only needed for adapter workdirs.
+    spec = lora.read_spec(workdir)
+    if spec is not None:
+      return _load_lora_merged(ckpt, step, spec, mesh, rules, config_overrides), step
+    graphdef, abstract_params, shardings = abstract_model(cfg, mesh, rules)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_params, shardings)
+    restored = _restore_params(ckpt, step, target)
+    return nnx.merge(graphdef, restored), step
+  finally:
+    ckpt.close()  # Also on errors: an open manager's threads garble the traceback at exit.
+
+
+def _restore_params(ckpt: Checkpointer, step: int, target):
+  """The `params` item of one step, or a CheckpointError that says which checkpoint failed, how,
+  and which older steps a reader can pass as --step instead."""
+  why = ckpt.incomplete(step)
+  if why is None:
+    try:
+      return ckpt.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(target)))['params']
+    except Exception as e:  # Orbax and tensorstore raise many kinds.
+      why = f'item params: {_first_line(e)}'
+  older = sorted((s for s in ckpt.manager.all_steps() if s < step), reverse=True)
+  hint = (f'older checkpoints: steps {older}; pass --step={older[0]} to read one'
+          if older else 'there is no older checkpoint')
+  raise CheckpointError(f'checkpoint {ckpt.step_dir(step)} cannot be restored ({why}). It is '
+                        f'damaged or incomplete (a half-finished copy?); nothing was deleted; '
+                        f'{hint}.')
 
 
 def _load_lora_merged(ckpt: Checkpointer, step: int, spec, mesh, rules, config_overrides) -> Llama:
@@ -113,8 +246,5 @@ def _load_lora_merged(ckpt: Checkpointer, step: int, spec, mesh, rules, config_o
   base, _ = load_model(spec.base, mesh=mesh, rules=rules, **config_overrides)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     model = lora.apply_lora(base, spec)
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.LoRAParam)))))
-  ckpt.close()
-  nnx.update(model, restored['params'])
+  nnx.update(model, _restore_params(ckpt, step, _abstract(nnx.state(model, nnx.LoRAParam))))
   return lora.merge_lora(model, spec)

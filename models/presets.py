@@ -5,6 +5,27 @@ match the published models (parameter counts checked in tests/test_presets.py).
 """
 import dataclasses
 
+import jax
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+def resolve_dtype(name: str, use: str = 'train') -> str:
+  """A compute dtype by name, with 'auto' (the default of model.dtype, the server's --dtype and
+  the evals) chosen by measurement for `use`: bfloat16 on GPU and TPU; on a CPU bfloat16 for
+  training (`train`: forward + backward of whole batches) and float32 for `inference` (decode
+  steps and single forward passes), where XLA's CPU bfloat16 kernels are slower. The figures are
+  bench/cpu_dtype.py's, in bench/RESULTS.md."""
+  if use not in ('train', 'inference'):
+    raise ValueError(f"use={use!r}: expected 'train' or 'inference'")
+  if name == 'auto':
+    if jax.default_backend() != 'cpu':
+      return 'bfloat16'
+    return 'bfloat16' if use == 'train' else 'float32'
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"dtype={name!r}: expected 'auto' or one of {COMPUTE_DTYPES}")
+  return name
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -22,7 +43,7 @@ class LlamaConfig:
   # original_max_position_embeddings), or None for plain RoPE.
   rope_scaling: tuple[float, float, float, int] | None = None
   norm_eps: float = 1e-5
-  dtype: str = 'bfloat16'  # Compute dtype.
+  dtype: str = 'bfloat16'  # Compute dtype: one of COMPUTE_DTYPES ('auto' is resolved before).
   param_dtype: str = 'float32'  # Storage dtype of the weights.
   remat: str = 'none'  # 'none', 'full' or 'dots'.
   attention: str = 'auto'  # 'auto', 'xla' or 'cudnn'.
@@ -37,6 +58,9 @@ class LlamaConfig:
       raise ValueError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}')
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f'n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}')
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f'dtype={self.dtype!r}: expected one of {COMPUTE_DTYPES} (resolve '
+                       "'auto' with models.presets.resolve_dtype first)")
     if self.remat not in ('none', 'full', 'dots'):
       raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
     if self.attention not in ('auto', 'xla', 'cudnn'):

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -151,8 +152,9 @@ class Engine:
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, mesh=None, rules=None,
-                   dtype: str | None = None, **kwargs) -> 'Engine':
-    """The engine over a workdir's newest (or given) checkpoint and its tokenizer."""
+                   dtype: str | None = 'auto', **kwargs) -> 'Engine':
+    """The engine over a workdir's newest (or given) checkpoint and its tokenizer, computing in
+    `dtype` ('auto': models.presets.resolve_dtype for inference; None: as the run trained)."""
     from data.tokenizer import load_tokenizer
     from models.checkpoint import load_model
     model, _ = load_model(workdir, step=step, mesh=mesh, rules=rules, dtype=dtype)
@@ -190,10 +192,12 @@ class Engine:
   def resample(self, prefix, sampling: SamplingParams):
     """The same prompt's prefix with its first token drawn anew under `sampling`: n samples of
     one prompt share one prefill (RL rollouts draw several per prompt)."""
-    prefix = {k: v for k, v in prefix.items() if k != 'mode'}
+    # Only the last logits and position go through the draw: one compile for every bucket, and
+    # the KV cache is shared with the prefill's prefix rather than copied.
+    small = {k: prefix[k] for k in ('logits', 'pos')}
     with self._mesh_context():
-      prefix = self._first_token(prefix, *_sampling_args(sampling))
-    return dict(prefix, mode=sampling.mode)  # A host-side flag for `generate`.
+      drawn = self._first_token(small, *_sampling_args(sampling))
+    return dict(drawn, cache=prefix['cache'], mode=sampling.mode)  # mode: a host-side flag.
 
   def insert(self, prefix, decode_state, slot: int):
     prefix = dict(prefix)
@@ -215,6 +219,31 @@ class Engine:
   def init_decode_state(self, *args, **kwargs):
     with self._mesh_context():
       return self._init_state()
+
+  def warmup(self, params=None, after_step=None) -> float:
+    """Compiles everything a request runs, so that none waits for XLA (a server's first request
+    otherwise waited 74 s on a CPU): prefill and insert for every bucket, the first-token draw
+    of a resampled prefix, and the decode step of each of MODES, on a scratch decode state
+    (transiently a second KV cache). `after_step(step)` is called on each step's output (the
+    JetStream wrapper compiles its result packing there). Returns the seconds it took."""
+    start = time.perf_counter()
+    params = self.params if params is None else params
+    state, prefix = self.init_decode_state(), None
+    # Each bucket's insert into a new state, after an insert and after a step: XLA compiles
+    # insert anew for each kind of state it receives.
+    for _ in range(2):
+      for bucket in self.buckets:
+        prefix = self.prefill(params=params, padded_tokens=np.zeros((bucket,), np.int32),
+                              true_length=1)
+        state = self.insert(prefix, self.insert(prefix, state, 0), 0)
+        state, step = self.generate(params, state)
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
+                     SamplingParams(temperature=1.0, top_k=2)):
+      state = self.insert(self.resample(prefix, sampling), state, 0)
+      state, step = self.generate(params, state)
+      jax.block_until_ready(after_step(step) if after_step else step)
+    self._slot_modes.pop(0, None)
+    return time.perf_counter() - start
 
   def get_prefix_destination_sharding(self):
     return None  # Prefill and generate share devices: the prefix stays where it is.

@@ -3,7 +3,9 @@
 A small HTTP/1.1 server on asyncio streams (the standard library has no asyncio HTTP server and
 JetStream's result channels live on an event loop): one request per connection, server-sent
 events for streaming. Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, GET /metrics (Prometheus).
+GET /health, GET /metrics (Prometheus). Until `ready` is set (serving/server.py sets it once the
+engine has compiled every shape it runs), /health and the /v1 generation routes answer 503, which
+is what a Kubernetes readiness probe waits on.
 
 Every request is validated here, before it reaches the driver, because an exception in a driver
 thread kills the process. A client that disconnects, or a stop string, cancels its request,
@@ -82,6 +84,7 @@ class OpenAIServer:
     self.inflight: dict[int, Request] = {}  # id -> request (requests are unhashable)
     self.metrics = Metrics(self.inflight)
     self.created = int(time.time())
+    self.ready = True  # False while the server warms up (compiles) the engine.
 
   async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
     try:
@@ -104,6 +107,8 @@ class OpenAIServer:
   async def _route(self, method, path, headers, body, reader, writer):
     path = path.split('?')[0]
     if path == '/health':
+      if not self.ready:
+        return await _send_json(writer, 503, {'status': 'warming up', 'model': self.model_name})
       return await _send_json(writer, 200, {'status': 'ok', 'model': self.model_name})
     if path == '/metrics':
       return await _send(writer, 200, prom.generate_latest(self.metrics.registry),
@@ -118,6 +123,9 @@ class OpenAIServer:
     if path in ('/v1/completions', '/v1/chat/completions'):
       if method != 'POST':
         raise HttpError(405, f'{path} takes POST')
+      if not self.ready:
+        raise HttpError(503, 'the server is warming up (compiling the engine); retry when '
+                        'GET /health answers 200')
       return await self._complete(_parse_json(body), path.endswith('chat/completions'), reader,
                                   writer)
     raise HttpError(404, f'no route {path}')
@@ -230,7 +238,7 @@ class OpenAIServer:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
       prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-      ids = [self.tok.bos_id] + self.tok.encode(prompt)
+      ids = self.tok.encode_prompt(prompt)  # BOS as the checkpoint's tokenizer says.
     elif (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
       ids = list(prompt)  # Token ids are taken exactly as given.
       if not all(0 <= t < self.engine.cfg.vocab_size for t in ids):

@@ -88,7 +88,7 @@ class TokenizerAdapter(tokenizer_api.Tokenizer):
 
   def encode(self, s, **kwargs):
     return token_utils.pad_tokens(np.asarray(self.tok.encode(s), np.int32), self.bos_id,
-                                  self.pad_id, is_bos=kwargs.get('is_bos', True),
+                                  self.pad_id, is_bos=kwargs.get('is_bos', self.tok.add_bos),
                                   max_prefill_length=self.max_prefill_length,
                                   jax_padding=kwargs.get('jax_padding', True))
 
@@ -191,6 +191,11 @@ class Driver(orchestrator.Driver):
       return super()._process_prefill_content(request, tokenizer, is_bos, max_prefill_length)
     padded, n = self._prefill_engines[0].engine.pad_prompt(request.prefill_content)
     return _Prompt(padded, request.sampling), n
+
+
+def warm_up(engine: Engine) -> float:
+  """Engine.warmup, with the result packing of JetStreamEngine.generate compiled as well."""
+  return engine.warmup(after_step=_pack)
 
 
 def start_grpc(driver: Driver, host: str, port: int, threads: int = 16):

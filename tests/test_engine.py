@@ -10,6 +10,7 @@ from serving import offline
 from serving.engine import Engine, SamplingParams, sample_tokens
 
 CFG = presets.resolve('tiny', dtype='float32')
+BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
 PROMPTS = [[5, 17, 300, 2], list(range(30, 50)), [9], list(range(100, 140)), [44, 45, 46]]
 
 
@@ -217,3 +218,23 @@ def test_samples_of_one_prompt_share_its_prefill(engine, monkeypatch):
     assert c.tokens == alone[0].tokens
     np.testing.assert_allclose(c.logprobs, alone[0].logprobs, rtol=1e-5, atol=1e-6)
   assert len({tuple(c.tokens) for c in shared if c.prompt_index == 0}) > 1
+
+
+def test_after_warmup_no_request_compiles(model):
+  """The server's warm-up (Engine.warmup) compiles every shape a request can run: afterwards
+  prompts of every bucket, greedy, sampled, top-p and n > 1 (resampled prefixes) make XLA compile
+  nothing, so the first requests run at steady-state speed."""
+  from serving import jetstream_compat
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kw: compiles.append(event) if event == BACKEND_COMPILE else None)
+  # Shapes no other test compiles: 3 slots, buckets 16 and 32.
+  engine = Engine(model, max_concurrent_decodes=3, max_len=80, max_prefill_length=32)
+  seconds = jetstream_compat.warm_up(engine)
+  assert seconds > 0 and engine._slot_modes == {}  # The scratch slot's mode is forgotten.
+  assert len(compiles) >= 2 + 2 + 3  # prefill and insert per bucket, a step per decode mode
+  compiles.clear()
+  for sampling in (SamplingParams(), SamplingParams(temperature=0.8, seed=1),
+                   SamplingParams(temperature=0.8, top_p=0.9)):
+    offline.generate(engine, [p[:32] for p in PROMPTS], n=2, max_tokens=5, sampling=sampling)
+  assert compiles == []

@@ -182,15 +182,80 @@ def test_gguf_import_matches_transformers_logits(tmp_path):
   np.testing.assert_allclose(_our_logits(model), _torch_logits(ref), atol=1e-4, rtol=1e-4)
 
 
-def test_smollm2_gguf_answers_a_factual_question(tmp_path):
+@pytest.fixture(scope='module')
+def smollm2(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('smollm2'))
+  import_checkpoint('smollm2_135m', workdir)
+  return workdir
+
+
+def test_smollm2_gguf_answers_a_factual_question(smollm2):
   from serving import offline
-  import_checkpoint('smollm2_135m', str(tmp_path))
-  model, _ = load_model(str(tmp_path), dtype='float32')
-  tok = load_tokenizer(str(tmp_path))
+  model, _ = load_model(smollm2, dtype='float32')
+  tok = load_tokenizer(smollm2)
   prompt = tok.apply_chat_template([{'role': 'user', 'content': 'What is the capital of France?'}])
   engine = offline.engine_for(model, [prompt], 8, tokenizer=tok)
   answer = offline.generate(engine, [prompt], max_tokens=8, eos_id=tok.eos_id)[0].text
   assert 'Paris' in answer, answer
+
+
+def _our_greedy(workdir, text, n):
+  from serving import offline
+  from serving.engine import Engine
+  engine = Engine.from_workdir(workdir, max_concurrent_decodes=1, max_len=64,
+                               max_prefill_length=16)
+  assert engine.cfg.dtype == 'float32'  # dtype='auto' on a CPU.
+  tok = engine.tokenizer
+  return tok.encode_prompt(text), offline.generate(engine, [tok.encode_prompt(text)],
+                                                   max_tokens=n, eos_id=tok.eos_id)[0].tokens
+
+
+def _hf_greedy(model, ids, n, eos):
+  with torch.no_grad():
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos)
+  return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize('kind', ['llama', 'qwen2'])
+def test_greedy_completion_equals_transformers_generate(tmp_path, kind):
+  """32 greedy tokens of an imported model (float32, KV cache) are transformers' `generate`, the
+  prompt encoded as transformers encodes it: BOS from the Llama tokenizer's post-processor, none
+  for the Qwen2 one."""
+  ref = _hf_model(tmp_path / 'hf', kind)
+  with torch.no_grad():  # Sharper logits, so that no argmax is a near-tie between frameworks.
+    ref.lm_head.weight.mul_(30.0)
+  ref.save_pretrained(tmp_path / 'hf')
+  if kind == 'llama':
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / 'hf' / 'tokenizer.json'))
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single='<s> $A', special_tokens=[('<s>', 1)])
+    tok.save(str(tmp_path / 'hf' / 'tokenizer.json'))
+  import_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'run'))
+  text = 'hello world w3 w17 w5'
+  # transformers' generic fast tokenizer over the same tokenizer.json (AutoTokenizer would pick
+  # the Qwen2 class, which cannot read this stand-in word-level tokenizer).
+  hf_ids = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=str(tmp_path / 'hf' / 'tokenizer.json'))(text)['input_ids']
+  ids, ours = _our_greedy(str(tmp_path / 'run'), text, 32)
+  assert ids == hf_ids and (ids[0] == 1) == (kind == 'llama')
+  assert ours == _hf_greedy(ref, hf_ids, 32, eos=2)
+
+
+def test_smollm2_greedy_completion_equals_transformers_generate(smollm2):
+  """The built-in SmolLM2 against transformers reading the same GGUF itself (its own
+  dequantisation and tokenizer): the GGUF says add_bos_token=false, so no BOS; with one, the
+  continuation of this prompt changes after a few tokens."""
+  from launch.import_checkpoint import builtin_path
+  path = str(builtin_path('smollm2_135m'))
+  where = dict(pretrained_model_name_or_path=os.path.dirname(path),
+               gguf_file=os.path.basename(path))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(**where)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+  text = 'The capital of France is'
+  ids, ours = _our_greedy(smollm2, text, 32)
+  assert ids == hf_tok(text)['input_ids'] and ids[0] != hf_tok.bos_token_id
+  assert ours == _hf_greedy(ref, ids, 32, eos=hf_tok.eos_token_id)
 
 
 def _edit_config(directory, **changes):
@@ -256,9 +321,11 @@ def test_export_of_a_workdir_trained_here(tmp_path):
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   # Importing a sentencepiece-only HF directory converts tokenizer.model the same way.
   imported = HFTokenizer.from_pretrained_dir(out)
+  assert imported.add_bos
   for text in ['Hello world', '  indented code()', 'x\n  y', '12345 é']:
     assert hf_tok(text, add_special_tokens=False)['input_ids'] == tok.encode(text)
-    assert imported.encode(text, bos=True) == tok.encode(text, bos=True)
+    # transformers adds the BOS our models train with; so does a re-import.
+    assert hf_tok(text)['input_ids'] == tok.encode_prompt(text) == imported.encode_prompt(text)
 
 
 def test_stages_started_from_an_import_keep_its_architecture(tmp_path):

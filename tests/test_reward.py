@@ -1,5 +1,6 @@
 """The Bradley-Terry reward model (models/reward.py, trainers/reward.py): the loss against values
 worked out by hand, and training end to end from a tiny SFT run, reloaded from its workdir."""
+import json
 import math
 import os
 
@@ -57,3 +58,18 @@ def test_reward_model_learns_and_reloads(tiny_sft_workdir, tmp_path):
   trained = np.asarray(reward.pair_rewards(result.model, batch))
   np.testing.assert_allclose(np.asarray(reward.pair_rewards(loaded, batch)), trained, atol=1e-5)
   assert np.abs(trained).max() > 0  # The head has moved off zero.
+
+  # eval/reward_accuracy.py scores the same 100 held-out pairs as the trainer's last eval, and
+  # the same pairs given as a user's JSONL score the same.
+  from eval.reward_accuracy import evaluate_reward_accuracy
+  result = evaluate_reward_accuracy(run)
+  assert result['pairs'] == len(held_out) == 100 and result['step'] == config.train.steps
+  assert result['accuracy'] == pytest.approx(last['eval_accuracy'], abs=1e-6)
+  assert result['margin'] == pytest.approx(last['eval_margin'], abs=1e-4)
+  path = str(tmp_path / 'held_out.jsonl')
+  with open(path, 'w') as f:
+    for p in held_out:
+      f.write(json.dumps({k: p[k] for k in ('prompt', 'chosen', 'rejected')}) + '\n')
+  from_file = evaluate_reward_accuracy(run, data=path)
+  assert from_file['accuracy'] == result['accuracy'] and from_file['pairs'] == 100
+  assert os.path.exists(os.path.join(run, 'eval_reward_accuracy_held_out.json'))

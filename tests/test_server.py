@@ -51,15 +51,22 @@ def server(workdir, repo_root):
        '--max_len=128', '--max_queue=2', '--model_name=tiny'],
       cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    deadline = time.time() + 120
+    deadline, health = time.time() + 120, []
     while time.time() < deadline:
       assert proc.poll() is None, proc.stdout.read()
       try:
-        if _request(port, 'GET', '/health')[0] == 200:
-          break
+        status, payload = _request(port, 'GET', '/health')
       except OSError:
         time.sleep(0.5)
-    yield {'port': port, 'grpc_port': grpc_port, 'proc': proc}
+        continue
+      health.append((status, json.loads(payload)['status']))
+      if status == 200:
+        break
+      time.sleep(0.05)
+    log = []  # The lines the server printed before it answered 200 (it prints, then serves).
+    while not any('warm-up took' in line for line in log):
+      log.append(proc.stdout.readline())
+    yield {'port': port, 'grpc_port': grpc_port, 'proc': proc, 'health': health, 'log': log}
   finally:
     proc.terminate()
     try:
@@ -81,7 +88,7 @@ def reference(workdir):
   engine = Engine.from_workdir(workdir, max_concurrent_decodes=2, max_len=128,
                                max_prefill_length=64)
   tok = engine.tokenizer
-  done = offline.generate(engine, [[tok.bos_id] + tok.encode(p) for p in PROMPTS], max_tokens=12)
+  done = offline.generate(engine, [tok.encode_prompt(p) for p in PROMPTS], max_tokens=12)
   return {p: (c.text, c.tokens) for p, c in zip(PROMPTS, done)}
 
 
@@ -176,6 +183,16 @@ def test_bad_input_gets_4xx_and_the_server_keeps_answering(server, body, status,
                   {'model': 'tiny', 'prompt': 'x', 'max_tokens': 2})[0] == 200
 
 
+def test_health_is_503_until_the_engine_is_compiled(server):
+  # A readiness probe sees 503 while the server compiles, then 200, and the log says how long the
+  # warm-up took and what the server runs (auto sizing and dtype on a CPU).
+  assert (503, 'warming up') in server['health'] and server['health'][-1] == (200, 'ok')
+  assert server['health'].index((503, 'warming up')) < len(server['health']) - 1
+  text = ''.join(server['log'])
+  assert re.search(r'warm-up took \d+\.\d s', text), text
+  assert 'computing in float32 (--dtype=auto) on cpu; 2 decode slots of 128 tokens' in text, text
+
+
 def test_api_key_is_required(server):
   assert _request(server['port'], 'GET', '/v1/models', key=None)[0] == 401
   assert _request(server['port'], 'GET', '/v1/models', key='wrong')[0] == 401
@@ -232,3 +249,10 @@ def test_jetstream_grpc_decode(server):
                 for t in s.token_ids]
       assert 1 <= len(tokens) <= 4
   assert server['proc'].poll() is None
+
+
+def test_cpu_sizing_when_the_flags_leave_it_to_the_server():
+  from serving.server import server_sizing
+  assert server_sizing(0, 0, 8192) == (4, 1024)  # A CPU: 4 slots of 1024 tokens.
+  assert server_sizing(0, 0, 512) == (4, 512)  # Never beyond the model's max_seq_len.
+  assert server_sizing(2, 4096, 512) == (2, 512)

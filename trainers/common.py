@@ -38,6 +38,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> presets.
   """The model a stage trains: model.preset plus overrides, or with init_from, that run's own
   architecture (model.json), so an imported Qwen2 keeps its biases and norm eps."""
   m = config.model
+  dtype = presets.resolve_dtype(m.dtype, 'train')
+  print(f'Compute dtype {dtype} (model.dtype={m.dtype!r}, {jax.default_backend()} backend).')
   if config.init_from:
     cfg = checkpoint.load_model_config(config.init_from)
     for key in m.keys():
@@ -45,10 +47,11 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> presets.
           and m[key] != getattr(cfg, key):
         raise ValueError(f'model.{key}={m[key]!r}, but init_from={config.init_from!r} has '
                          f'{key}={getattr(cfg, key)!r}')
-    cfg = dataclasses.replace(cfg, **{k: m[k] for k in RUNTIME_FIELDS},
+    cfg = dataclasses.replace(cfg, **{k: m[k] for k in RUNTIME_FIELDS if k != 'dtype'}, dtype=dtype,
                               max_seq_len=m.max_seq_len or cfg.max_seq_len)
   else:
     overrides = {k: m[k] for k in m.keys() if k != 'preset'}
+    overrides['dtype'] = dtype
     overrides['vocab_size'] = m.vocab_size or vocab_size
     cfg = presets.resolve(m.preset, **overrides)
   if cfg.vocab_size < vocab_size:

@@ -41,6 +41,7 @@ from data import rewards as reward_lib
 from models import lora
 from models.losses import token_logprobs
 from trainers import cli, common, rl
+from trainers import workdir as workdir_lib
 from trainers.sft import lora_spec
 
 LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'gspo', 'gspo_token')
@@ -192,6 +193,7 @@ def make_algorithm(config: ml_collections.ConfigDict) -> rl.Algorithm:
                       max_draws=g.max_draws if g.dynamic_sampling else 1)
 
 
+@workdir_lib.stage('grpo')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str):
   if not config.init_from:
     raise ValueError('GRPO starts from a fine-tuned model: set --config.init_from=WORKDIR')

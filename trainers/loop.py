@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from models.checkpoint import Checkpointer
+from models.checkpoint import CheckpointError, Checkpointer
 from models.sharding import logical_to_mesh
 from trainers.metrics import MetricsWriter
 
@@ -192,9 +192,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
   schedule = learning_rate_schedule(config)
 
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
+  # The newest checkpoint that restores completely (damaged newer ones are skipped, said so).
+  try:
+    start, restored = ckpt.restore_newest(
+        lambda s: ckpt.restore(s, params, opt_state, train_iter))
+  except CheckpointError:
+    ckpt.close()
+    raise
+  start = start or 0
   if start:
-    restored = ckpt.restore(start, params, opt_state, train_iter)
     params, opt_state = restored['params'], restored['opt_state']
     print(f'Resumed from {workdir}/checkpoints/{start}.')
   if start >= t.steps or (t.stop_after and start >= t.stop_after):
@@ -237,6 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
         with jax.set_mesh(mesh):
           params, opt_state, out = train_step(params, opt_state, batch, jnp.int32(step))
         step += 1
+        ckpt.check()  # A checkpoint write that failed in the background stops the run now.
         if window_start is None:  # The first step compiles: time from the end of it.
           jax.block_until_ready(out['loss'])
           window_start, window_tokens = time.perf_counter(), 0
@@ -270,7 +277,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
                 f'Run the same command again to resume.')
           break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.wait()  # Raises a CheckpointError naming the path if the last write failed.
+    finally:
+      ckpt.close()
+      writer.close()
   return Result(nnx.merge(graphdef, params, frozen), step, step >= t.steps, last_metrics)

@@ -9,6 +9,7 @@ refreshes interleaved with them.
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -32,10 +33,11 @@ class MetricsWriter:
   def _truncate_after(self, step: int):
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.path, 'w') as f:
+    keep = [json.dumps(r) + '\n' for r in read_metrics(self.path) if r['step'] <= step]
+    # Rewritten beside and renamed over: a kill here leaves the old file or the new, never half.
+    with open(self.path + '.tmp', 'w') as f:
       f.writelines(keep)
+    os.replace(self.path + '.tmp', self.path)
 
   def advance(self, n: int = 1, **postfix):
     self._bar.update(n)
@@ -44,8 +46,12 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: dict):
     record = {'step': int(step), **{k: _py(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    try:  # One write per record; a kill or a full disk can tear only the last line.
+      self._file.write(json.dumps(record) + '\n')
+      self._file.flush()
+    except OSError as e:
+      raise OSError(e.errno, f'could not append to {self.path} ({e.strerror}); '
+                    f'{_free(self.path)}') from e
     values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
               for k, v in record.items() if k != 'step' and isinstance(v, (int, float))]
     self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
@@ -64,6 +70,34 @@ class MetricsWriter:
     self._bar.close()
     self._file.close()
     self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl. A torn last line (a run killed or out of disk mid-write) is
+  skipped with a warning; a bad line anywhere else is an error naming it."""
+  with open(path) as f:
+    lines = f.readlines()
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i == len(lines) - 1 and not line.endswith('\n'):
+        print(f'Warning: skipped the torn last line of {path} ({len(line)} characters without '
+              'a newline: the run that wrote it stopped mid-write).', file=sys.stderr)
+        break
+      raise ValueError(f'{path}:{i + 1}: not a JSON record: {line[:80]!r}') from None
+  return records
+
+
+def _free(path: str) -> str:
+  try:
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    return f'{free / 2**20:,.1f} MiB free there'
+  except OSError:
+    return 'free space unknown'
 
 
 def _py(v):

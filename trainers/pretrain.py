@@ -17,6 +17,7 @@ from flax import nnx
 from data import pipeline, sources
 from models.losses import token_cross_entropy
 from trainers import cli, common, loop
+from trainers import workdir as workdir_lib
 
 
 def next_token_loss(model, batch, rng):
@@ -46,6 +47,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PretrainDat
                       pipeline.tokenize_documents(tokenizer, eval_docs))
 
 
+@workdir_lib.stage('pretrain')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   data = prepare_data(config, workdir)
   model_cfg = common.model_config(config, data.tokenizer.vocab_size)

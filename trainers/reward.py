@@ -17,6 +17,7 @@ from data import pipeline, preferences
 from models import reward
 from models.losses import pair_weights_and_accuracy
 from trainers import cli, common, loop
+from trainers import workdir as workdir_lib
 from trainers.sft import eval_batches
 
 
@@ -31,6 +32,7 @@ def loss_fn(model, batch, rng):
   return loss_sum, weight.sum(), {'accuracy': sums(correct), 'margin': sums(margin)}
 
 
+@workdir_lib.stage('reward')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   if not config.init_from:
     raise ValueError('A reward model starts from a fine-tuned model: set '

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data import chat, prompts as prompt_sources, rewards as reward_lib
 from models import lora
-from models.checkpoint import Checkpointer
+from models.checkpoint import CheckpointError, Checkpointer
 from models.llama import abstract_model
 from models.losses import token_logprobs
 from serving import offline
@@ -430,9 +430,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
   params = policy.initial_params
   opt_state = loop.init_optimizer_state(tx, params, mesh)
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
-  start, cursor = ckpt.latest_step() or 0, 0
+  try:
+    start, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, params, opt_state))
+  except CheckpointError:
+    ckpt.close()
+    raise
+  start, cursor = start or 0, 0
   if start:
-    restored = ckpt.restore(start, params, opt_state)
     params, opt_state = restored['params'], restored['opt_state']
     cursor = restored['meta']['prompt_cursor']
     print(f'Resumed from {workdir}/checkpoints/{start}.')
@@ -494,6 +498,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
             outs.append(out)
           outs = jax.device_get(outs)
         step += 1
+        ckpt.check()  # A checkpoint write that failed in the background stops the run now.
         for out in outs:
           loop.raise_if_not_finite(out, step, ckpt.latest_step())
         t_step = time.perf_counter() - t0
@@ -540,7 +545,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
                 f'Run the same command again to resume.')
           break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.wait()  # Raises a CheckpointError naming the path if the last write failed.
+    finally:
+      ckpt.close()
+      writer.close()
   return loop.Result(final(), step, step >= t.steps, last_metrics)

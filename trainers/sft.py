@@ -25,6 +25,7 @@ from data import chat, pipeline, sft_sources
 from models import lora
 from models.losses import token_cross_entropy
 from trainers import cli, common, loop
+from trainers import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -77,6 +78,7 @@ def make_loss(spec: lora.LoraSpec | None):
   return sft_loss
 
 
+@workdir_lib.stage('sft')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   if not config.init_from:
     raise ValueError('SFT starts from a pretrained model: set --config.init_from=WORKDIR')

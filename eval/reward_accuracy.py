@@ -1,0 +1,84 @@
+"""Held-out pair accuracy of a reward model (trainers/reward.py) on any preference source.
+
+  python -m eval.reward_accuracy --workdir=runs/rm                       # the run's held-out pairs
+  python -m eval.reward_accuracy --workdir=runs/rm --data=prefs.jsonl    # every pair of a file
+  python -m eval.reward_accuracy --workdir=runs/rm --task=chain_sum      # another built-in task
+
+Each pair's chosen and rejected response gets a scalar reward; accuracy is the fraction of pairs
+with r_chosen > r_rejected (a tie counts one half, as in training, so an untrained zero head
+scores 0.5), reported with the mean margin and the mean rewards. By default the pairs are the
+held-out ones of the run's own config, which training never saw; with --data, every line of the
+file (data/preferences.py's formats). The JSON goes to stdout and to the workdir as
+eval_reward_accuracy[_<source>].json.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from configs import entry
+from data import preferences
+from data.tokenizer import load_tokenizer
+from eval.perplexity import load_run_config
+from models import reward
+from trainers.sft import eval_batches
+
+
+def evaluate_reward_accuracy(workdir: str, *, data: str = '', task: str = '',
+                             step: int | None = None, max_pairs: int = 0, seq_len: int = 0,
+                             batch_size: int = 32, dtype: str = 'auto') -> dict:
+  config = load_run_config(workdir)
+  if data and task:
+    raise ValueError('give --data or --task, not both')
+  if data:
+    pairs, source = preferences.jsonl_pairs(data), data
+  else:
+    if task:
+      if task not in preferences.PAIR_TASKS:
+        raise ValueError(f'--task={task!r}: expected one of {preferences.PAIR_TASKS}')
+      config.data.source = task
+    _, pairs = preferences.load_preference_pairs(config.data, config.seed)
+    source = config.data.source
+  pairs = pairs[:max_pairs] if max_pairs else pairs
+  if not pairs:
+    raise ValueError(f'{source!r} gives no pairs to score (the run held none out?)')
+  rows = preferences.encode_pairs(load_tokenizer(workdir), pairs, seq_len or config.data.seq_len)
+  model, step = reward.load_reward_model(workdir, step=step, dtype=dtype)
+  score = nnx.jit(reward.pair_rewards)
+  rewards = np.concatenate([np.asarray(jax.device_get(score(model, batch)))
+                            for batch in eval_batches(rows, batch_size=batch_size,
+                                                      max_batches=len(pairs))])[:len(pairs)]
+  chosen, rejected = rewards[:, 0], rewards[:, 1]
+  margin = chosen - rejected
+  result = {'workdir': workdir, 'step': int(step), 'dtype': model.backbone.cfg.dtype,
+            'source': source, 'pairs': len(pairs),
+            'accuracy': float(np.mean((margin > 0) + 0.5 * (margin == 0))),
+            'margin': float(margin.mean()), 'chosen_reward': float(chosen.mean()),
+            'rejected_reward': float(rejected.mean())}
+  name = 'eval_reward_accuracy.json' if not (data or task) else \
+      f'eval_reward_accuracy_{os.path.splitext(os.path.basename(source))[0]}.json'
+  with open(os.path.join(workdir, name), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def main():
+  workdir = flags.DEFINE_string('workdir', None, 'Reward-model workdir (trainers/reward.py).',
+                                required=True)
+  data = flags.DEFINE_string('data', '', 'A preference JSONL to score, every line of it.')
+  task = flags.DEFINE_string('task', '', f'A built-in pair task: one of {preferences.PAIR_TASKS}.')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+  max_pairs = flags.DEFINE_integer('max_pairs', 0, 'Score at most this many pairs (0: all).')
+  seq_len = flags.DEFINE_integer('seq_len', 0, 'Tokens per response row (0: the run\'s).')
+  dtype = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
+                              "on GPU/TPU), 'float32' or 'bfloat16'.")
+  entry.run_main(lambda argv: print(json.dumps(evaluate_reward_accuracy(
+      workdir.value, data=data.value, task=task.value, step=step.value,
+      max_pairs=max_pairs.value, seq_len=seq_len.value, dtype=dtype.value))))
+
+
+if __name__ == '__main__':
+  main()

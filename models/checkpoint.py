@@ -61,12 +61,21 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def incomplete(self, step: int) -> str | None:
-    """Why the step's directory is not a finished checkpoint, or None if it looks finished."""
+    """Why the step's directory is not a finished checkpoint, or None if it looks finished.
+
+    Orbax writes commit_success.txt last, in the step and in each item. Its absence marks an
+    unfinished save or copy only where the marker is in use: the step lacks it while another
+    step has it, or one item lacks it while another item of the step has it (so an orbax
+    version that writes none on this filesystem is judged by the restore alone)."""
+    marked = lambda path: os.path.exists(os.path.join(path, COMMIT_FILE))
     top = self.step_dir(step)
-    for root in [top] + [os.path.join(top, item) for item in sorted(os.listdir(top))]:
-      if os.path.isdir(root) and not os.path.exists(os.path.join(root, COMMIT_FILE)):
-        return (f'{os.path.relpath(root, self.directory)} has no {COMMIT_FILE} (an unfinished '
-                'save or copy)')
+    if not marked(top) and any(marked(self.step_dir(s)) for s in self.manager.all_steps()
+                               if s != step and os.path.isdir(self.step_dir(s))):
+      return f'{step} has no {COMMIT_FILE} (an unfinished save or copy)'
+    items = [d for d in sorted(os.listdir(top)) if os.path.isdir(os.path.join(top, d))]
+    unmarked = [d for d in items if not marked(os.path.join(top, d))]
+    if unmarked and len(unmarked) < len(items):
+      return f'{step}/{unmarked[0]} has no {COMMIT_FILE} (an unfinished save or copy)'
     return None
 
   def restore_newest(self, restore, log=print):

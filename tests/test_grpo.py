@@ -1,6 +1,7 @@
 """GRPO end to end on `tiny` (trainers/grpo.py over trainers/rl.py): trainer and engine agree on
 log-probs, the engine never recompiles, rewards rise, LoRA leaves the base untouched, a resumed
 run equals an uninterrupted one, and bad input fails before anything is written."""
+import glob
 import json
 import os
 
@@ -128,12 +129,21 @@ def test_lora_grpo_trains_adapters_only_and_leaves_the_base_bit_identical(tiny_s
 _TIMING = ('time_', 'tokens_per_s', 'generate_fraction')
 
 
-def test_a_resumed_run_logs_what_an_uninterrupted_one_does(tiny_sft_workdir, tmp_path):
-  kw = {'train.steps': 6, 'train.eval_every': 3, 'train.checkpoint_every': 100}
+def test_a_resumed_run_logs_what_an_uninterrupted_one_does(tiny_sft_workdir, tmp_path, capsys):
+  # Stopped at step 4 with checkpoints 2 and 4, and then step 4's files truncated (a half-copied
+  # checkpoint): the rerun skips it, resumes from step 2 and still logs the uninterrupted run.
+  kw = {'train.steps': 6, 'train.eval_every': 3, 'train.checkpoint_every': 2}
   whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
   grpo.run(_config(tiny_sft_workdir, **kw), whole)
-  assert not grpo.run(_config(tiny_sft_workdir, **kw, **{'train.stop_after': 2}), split).completed
+  assert not grpo.run(_config(tiny_sft_workdir, **kw, **{'train.stop_after': 4}), split).completed
+  for path in glob.glob(os.path.join(split, 'checkpoints', '4', 'params', '**', 'd', '*'),
+                        recursive=True):
+    with open(path, 'r+b') as f:
+      f.truncate(100)
+  capsys.readouterr()
   assert grpo.run(_config(tiny_sft_workdir, **kw), split).completed
+  out = capsys.readouterr().out
+  assert 'Skipping checkpoint' in out and f'Resumed from {split}/checkpoints/2.' in out
   strip = lambda rs: [{k: v for k, v in r.items() if not any(t in k for t in _TIMING)}
                       for r in rs]
   assert strip(read_metrics(split)) == strip(read_metrics(whole))

@@ -5,6 +5,13 @@ import sys
 from absl import app, flags, logging
 
 
+def define_dtype_flag():
+  """--dtype of the commands that read a workdir (evals, the server): 'auto' is
+  models.presets.resolve_dtype's choice for inference."""
+  return flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
+                             "on GPU/TPU), 'float32' or 'bfloat16'.")
+
+
 def run_main(main):
   """app.run(main), with libraries' INFO logs (orbax prints several per checkpoint) hidden unless
   asked for with --verbosity=0; warnings and errors still show. The errors a user acts on (a

@@ -104,7 +104,7 @@ class HFTokenizer:
     return head + ids + tail
 
   def encode_prompt(self, text: str) -> list[int]:
-    """A plain-text prompt (completions, eval, RL) as this checkpoint expects it: BOS iff add_bos."""
+    """A plain-text prompt (completions, eval, RL) as the checkpoint expects: BOS iff add_bos."""
     return self.encode(text, bos=self.add_bos)
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:

@@ -17,11 +17,11 @@ prompt also given implicitly as the leading turns that "chosen" and "rejected" s
 is validated, and an error names the line and the field.
 
 Held-out pairs come from the held-out problems of `load_sft_examples`, so training never sees a
-held-out question; of a JSONL, a seeded data.eval_fraction of its lines. Each pair is encoded with the chat template (data/chat.py) into two rows, one
-per response, with the loss mask on the response tokens only: arrays [N, 2, seq_len] with index
+held-out question; of a JSONL, a seeded data.eval_fraction of its lines. Each pair is encoded
+(with the chat template, data/chat.py, unless its prompt is plain text) into two rows, one per
+response, with the loss mask on the response tokens only: arrays [N, 2, seq_len] with index
 0 = chosen and 1 = rejected, one pair per row, no packing.
 """
-import os
 import random
 import re
 
@@ -87,12 +87,8 @@ def _responses(value, where: str) -> list[dict]:
 def jsonl_pairs(path: str) -> list[dict]:
   """The preference pairs of a JSONL file (formats in the module docstring), each as
   {'prompt': str | messages, 'chosen': str | messages, 'rejected': str | messages}."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'data.source={path!r}: no such file (and not a built-in pair task: '
-                            f'{PAIR_TASKS})')
   pairs = []
-  for line_no, record in sources.read_jsonl(path):
-    where = f'{path}:{line_no}'
+  for where, record in sources.read_jsonl_source(path, f'a built-in pair task: {PAIR_TASKS}'):
     if not isinstance(record, dict) or 'chosen' not in record or 'rejected' not in record:
       raise ValueError(f'{where}: expected an object with "chosen" and "rejected" (and "prompt", '
                        'unless both are conversations that share their leading turns)')

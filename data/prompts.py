@@ -16,7 +16,6 @@
 `encode_prompt` renders a prompt the way the policy was fine-tuned: message lists through the chat
 template with the assistant header appended, plain strings as raw text after BOS.
 """
-import os
 import random
 
 from data import chat, sft_sources, sources
@@ -27,12 +26,8 @@ def _task_prompts(examples: list[dict]) -> list[dict]:
 
 
 def jsonl_prompts(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'data.source={path!r}: no such file (and not a built-in name: '
-                            f'{sft_sources.TASKS})')
   examples = []
-  for line_no, record in sources.read_jsonl(path):
-    where = f'{path}:{line_no}'
+  for where, record in sources.read_jsonl_source(path, f'a built-in name: {sft_sources.TASKS}'):
     if not isinstance(record, dict) or not ('prompt' in record or 'messages' in record):
       raise ValueError(f'{where}: expected an object with "prompt" (a string or a message list) '
                        f'or "messages", and "answer"')

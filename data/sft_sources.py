@@ -139,15 +139,13 @@ def chatterbot_conversations() -> list[dict]:
 
 
 def jsonl_conversations(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'data.source={path!r}: no such file (and not a built-in name: '
-                            f"{TASKS + ('chatterbot',)})")
   examples = []
-  for line_no, record in sources.read_jsonl(path):
+  for where, record in sources.read_jsonl_source(path,
+                                                 f"a built-in name: {TASKS + ('chatterbot',)}"):
     messages = validate_messages(record.get('messages') if isinstance(record, dict) else None,
-                                 where=f'{path}:{line_no} "messages"')
+                                 where=f'{where} "messages"')
     if not any(m['role'] == 'assistant' for m in messages):
-      raise ValueError(f'{path}:{line_no}: no assistant turn to train on')
+      raise ValueError(f'{where}: no assistant turn to train on')
     examples.append({'messages': messages, 'answer': record.get('answer')})
   if not examples:
     raise ValueError(f'{path}: no conversations')

@@ -151,6 +151,15 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
   yield from _jsonl_records(text, path)
 
 
+def read_jsonl_source(path: str, built_in: str) -> Iterator[tuple[str, object]]:
+  """('path:line', record) of a data.source JSONL; a missing file is an error that names the
+  built-in sources the name might have meant (`built_in`, e.g. "a built-in name: (...)")."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'data.source={path!r}: no such file (and not {built_in})')
+  for line_no, record in read_jsonl(path):
+    yield f'{path}:{line_no}', record
+
+
 def _jsonl_records(text: str, path) -> Iterator[tuple[int, object]]:
   # Split on '\n' only: str.splitlines would also split on U+2028 inside JSON strings.
   for n, line in enumerate(text.split('\n'), start=1):

@@ -163,8 +163,7 @@ def main():
   samples = flags.DEFINE_integer('samples', 0, 'Also draw k samples per problem: pass@k, maj@k.')
   temperature = flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (with --samples).')
   seed = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  dtype = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
-                                "on GPU/TPU), 'float32' or 'bfloat16'.")
+  dtype = entry.define_dtype_flag()
   entry.run_main(lambda argv: print(json.dumps(evaluate_accuracy(
       workdir.value, task_from=task_from.value, task=task.value, data=data.value,
       num_problems=num_problems.value, samples=samples.value, temperature=temperature.value,

@@ -68,8 +68,7 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
 def main():
   workdir = flags.DEFINE_string('workdir', None, 'Run directory to evaluate.', required=True)
   max_batches = flags.DEFINE_integer('max_batches', 0, 'Batches to evaluate (0 = all held out).')
-  dtype = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
-                                "on GPU/TPU), 'float32' or 'bfloat16'.")
+  dtype = entry.define_dtype_flag()
   entry.run_main(lambda argv: print(json.dumps(evaluate_perplexity(
       workdir.value, max_batches=max_batches.value, dtype=dtype.value))))
 

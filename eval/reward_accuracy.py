@@ -73,8 +73,7 @@ def main():
   step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
   max_pairs = flags.DEFINE_integer('max_pairs', 0, 'Score at most this many pairs (0: all).')
   seq_len = flags.DEFINE_integer('seq_len', 0, 'Tokens per response row (0: the run\'s).')
-  dtype = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
-                              "on GPU/TPU), 'float32' or 'bfloat16'.")
+  dtype = entry.define_dtype_flag()
   entry.run_main(lambda argv: print(json.dumps(evaluate_reward_accuracy(
       workdir.value, data=data.value, task=task.value, step=step.value,
       max_pairs=max_pairs.value, seq_len=seq_len.value, dtype=dtype.value))))

@@ -82,7 +82,7 @@ class Checkpointer:
     """restore(step) for the newest step that is complete and restores; returns (step, result),
     or (None, None) with no checkpoints. Steps that fail are skipped with a line saying why and
     then moved aside to ../damaged_checkpoints/<step> (renamed, not deleted), so the run can
-    save those step numbers again. Raises CheckpointError when no checkpoint restores."""
+    save those step numbers again. Raises CheckpointError (closed) when none restores."""
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       why = self.incomplete(step)
@@ -98,6 +98,7 @@ class Checkpointer:
       log(f'Skipping checkpoint {self.step_dir(step)}: {why}')
       failures.append((step, why))
     if failures:
+      self.manager.close()  # An open manager's threads garble the traceback at exit.
       raise CheckpointError(
           f'no checkpoint under {self.directory} restores: '
           + '; '.join(f'step {s}: {why}' for s, why in failures)
@@ -179,7 +180,11 @@ class Checkpointer:
       raise self._write_error(self._pending, e) from e
 
   def close(self):
-    self.manager.close()
+    """Waits for the last save (a CheckpointError if it failed), then closes the manager."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def save_model_config(workdir: str, cfg: LlamaConfig):
@@ -225,13 +230,13 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
     graphdef, abstract_params, shardings = abstract_model(cfg, mesh, rules)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_params, shardings)
-    restored = _restore_params(ckpt, step, target)
+    restored = restore_params(ckpt, step, target)
     return nnx.merge(graphdef, restored), step
   finally:
     ckpt.close()  # Also on errors: an open manager's threads garble the traceback at exit.
 
 
-def _restore_params(ckpt: Checkpointer, step: int, target):
+def restore_params(ckpt: Checkpointer, step: int, target):
   """The `params` item of one step, or a CheckpointError that says which checkpoint failed, how,
   and which older steps a reader can pass as --step instead."""
   why = ckpt.incomplete(step)
@@ -255,5 +260,5 @@ def _load_lora_merged(ckpt: Checkpointer, step: int, spec, mesh, rules, config_o
   base, _ = load_model(spec.base, mesh=mesh, rules=rules, **config_overrides)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     model = lora.apply_lora(base, spec)
-  nnx.update(model, _restore_params(ckpt, step, _abstract(nnx.state(model, nnx.LoRAParam))))
+  nnx.update(model, restore_params(ckpt, step, _abstract(nnx.state(model, nnx.LoRAParam))))
   return lora.merge_lora(model, spec)

@@ -17,7 +17,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -106,7 +105,7 @@ def load_reward_model(workdir: str, *, step: int | None = None, **config_overrid
   graphdef, state = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))
-  ckpt.close()
-  return nnx.merge(graphdef, restored['params']), step
+  try:  # A damaged checkpoint: the same CheckpointError as every other reader's.
+    return nnx.merge(graphdef, checkpoint.restore_params(ckpt, step, target)), step
+  finally:
+    ckpt.close()

@@ -34,8 +34,7 @@ _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'KV-cache length per slot (prompt 
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting beyond the slots before 503.')
 _MODEL_NAME = flags.DEFINE_string('model_name', '', 'Model id in the API (default: workdir name).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
-_DTYPE = flags.DEFINE_string('dtype', 'auto', "Compute dtype: 'auto' (float32 on a CPU, bfloat16 "
-                             "on GPU/TPU), 'float32' or 'bfloat16'.")
+_DTYPE = entry.define_dtype_flag()
 
 
 async def serve(engine: Engine, *, host: str, port: int, grpc_port: int, model_name: str,

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from models.checkpoint import CheckpointError, Checkpointer
+from models.checkpoint import Checkpointer
 from models.sharding import logical_to_mesh
 from trainers.metrics import MetricsWriter
 
@@ -193,12 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
 
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
   # The newest checkpoint that restores completely (damaged newer ones are skipped, said so).
-  try:
-    start, restored = ckpt.restore_newest(
-        lambda s: ckpt.restore(s, params, opt_state, train_iter))
-  except CheckpointError:
-    ckpt.close()
-    raise
+  start, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, params, opt_state, train_iter))
   start = start or 0
   if start:
     params, opt_state = restored['params'], restored['opt_state']
@@ -278,8 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
           break
   finally:
     try:
-      ckpt.wait()  # Raises a CheckpointError naming the path if the last write failed.
+      ckpt.close()  # Raises a CheckpointError naming the path if the last write failed.
     finally:
-      ckpt.close()
       writer.close()
   return Result(nnx.merge(graphdef, params, frozen), step, step >= t.steps, last_metrics)

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data import chat, prompts as prompt_sources, rewards as reward_lib
 from models import lora
-from models.checkpoint import CheckpointError, Checkpointer
+from models.checkpoint import Checkpointer
 from models.llama import abstract_model
 from models.losses import token_logprobs
 from serving import offline
@@ -430,11 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
   params = policy.initial_params
   opt_state = loop.init_optimizer_state(tx, params, mesh)
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
-  try:
-    start, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, params, opt_state))
-  except CheckpointError:
-    ckpt.close()
-    raise
+  start, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, params, opt_state))
   start, cursor = start or 0, 0
   if start:
     params, opt_state = restored['params'], restored['opt_state']
@@ -546,8 +542,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
           break
   finally:
     try:
-      ckpt.wait()  # Raises a CheckpointError naming the path if the last write failed.
+      ckpt.close()  # Raises a CheckpointError naming the path if the last write failed.
     finally:
-      ckpt.close()
       writer.close()
   return loop.Result(final(), step, step >= t.steps, last_metrics)

@@ -1,8 +1,9 @@
 """One live writer per workdir, and one stage per workdir.
 
 A stage claims its workdir before it writes anything: an exclusive `flock` on WORKDIR/.lock, held
-while the stage runs (the `stage` decorator on each trainer's run). The kernel drops the lock when its process dies however it dies (SIGKILL,
-a preempted VM), so a crashed run never leaves a lock that blocks the next one; the file itself
+while the stage runs (the `stage` decorator on each trainer's run). The kernel drops the lock when
+its process dies however it dies (SIGKILL, a preempted VM), so a crashed run never leaves a lock
+that blocks the next one; the file itself
 stays, holding the JSON of the last claimant (stage, pid, host, command, start time), which is
 what a second start is told when the lock is taken, and how a different stage on the same
 workdir is refused. A lock file is an advisory record only: nothing else reads it. (On NFS,
@@ -25,12 +26,14 @@ class WorkdirError(RuntimeError):
 
 
 def claim(workdir: str, stage: str) -> None:
-  """Takes the workdir for `stage` for the rest of this process, or raises WorkdirError naming
-  the live process that holds it or the stage that made it. Re-entrant within one process."""
+  """Takes the workdir for `stage` until `release` (or this process ends), or raises WorkdirError
+  naming the live process that holds it or the stage that made it (holding nothing then).
+  Re-entrant within one process."""
   os.makedirs(workdir, exist_ok=True)
   key = os.path.realpath(workdir)
   path = os.path.join(key, LOCK_FILE)
-  if key not in _held:
+  acquired = key not in _held
+  if acquired:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,6 +47,8 @@ def claim(workdir: str, stage: str) -> None:
   fd = _held[key]
   previous = _read(fd)
   if previous.get('stage') not in (None, stage):
+    if acquired:
+      release(workdir)
     raise WorkdirError(f'{workdir} holds a {previous["stage"]!r} run ({_describe(previous)}); a '
                        f'{stage!r} run needs its own --workdir (pass the {previous["stage"]} run '
                        f'as --config.init_from instead)')

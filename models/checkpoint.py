@@ -118,12 +118,16 @@ class Checkpointer:
     self.manager.reload()
 
   def save(self, step: int, params, opt_state=None, meta: dict | None = None, data_iter=None,
-           force: bool = False):
+           force: bool = False, extra: dict | None = None):
+    """extra: more named pytrees saved as items of their own beside `params` (PPO's critic and
+    its optimizer state), so readers that restore `params` alone never see them."""
     import grain  # Imported here: the params-only readers (serving) do not need grain.
     items = {'params': ocp.args.StandardSave(params),
              'meta': ocp.args.JsonSave(dict(meta or {}, step=step))}
     if opt_state is not None:
       items['opt_state'] = ocp.args.StandardSave(opt_state)
+    for name, tree in (extra or {}).items():
+      items[name] = ocp.args.StandardSave(tree)
     if hasattr(data_iter, 'get_state'):  # grain iterators; a plain iterator is not saved.
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     self.wait()  # The previous asynchronous save must have landed (orbax waits anyway).
@@ -148,12 +152,15 @@ class Checkpointer:
            f'permissions) and run the same command again to resume from it.' if good else
            'There is no earlier checkpoint.'))
 
-  def restore(self, step: int, params, opt_state=None, data_iter=None):
-    """Restores into the shapes, dtypes and shardings of the given (live or abstract) trees."""
+  def restore(self, step: int, params, opt_state=None, data_iter=None, extra: dict | None = None):
+    """Restores into the shapes, dtypes and shardings of the given (live or abstract) trees;
+    extra names the items `save` wrote beside params, with their target trees."""
     import grain
     items = {'params': ocp.args.StandardRestore(_abstract(params)), 'meta': ocp.args.JsonRestore()}
     if opt_state is not None:
       items['opt_state'] = ocp.args.StandardRestore(_abstract(opt_state))
+    for name, tree in (extra or {}).items():
+      items[name] = ocp.args.StandardRestore(_abstract(tree))
     if hasattr(data_iter, 'get_state'):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))

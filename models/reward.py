@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models import checkpoint
-from models.llama import Llama
+from models.llama import Llama, abstract_model
 
 REWARD_FILE = 'reward.json'
 
@@ -65,6 +65,14 @@ def reward(model: RewardModel, tokens, positions, segment_ids, last_index) -> ja
   return model.head(last.astype(jnp.float32))[:, 0]
 
 
+def values(model: RewardModel, tokens, positions=None) -> jax.Array:
+  """The head at every position: tokens [B, T] -> [B, T] fp32. PPO's critic (trainers/ppo.py) is
+  a RewardModel read this way: values[:, t] estimates the return of the state that has read
+  tokens[:, :t+1], the state in which targets[:, t] is generated."""
+  x, _ = model.backbone.hidden_states(tokens, positions)
+  return model.head(x.astype(jnp.float32))[..., 0]
+
+
 def pair_rewards(model: RewardModel, batch: dict) -> jax.Array:
   """Rewards of data/preferences.py rows [B, 2, T] -> [B, 2] (0 = chosen, 1 = rejected)."""
   b, n, t = batch['inputs'].shape
@@ -87,10 +95,12 @@ def write_marker(workdir: str, head_init_std: float):
     json.dump({'head': 'linear on the last response token', 'head_init_std': head_init_std}, f)
 
 
-def load_reward_model(workdir: str, *, step: int | None = None, **config_overrides
-                      ) -> tuple[RewardModel, int]:
+def load_reward_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
+                      **config_overrides) -> tuple[RewardModel, int]:
   """The RewardModel of a trainers/reward.py workdir at its newest (or the given) checkpoint, on
-  the default device. config_overrides change non-architectural fields (dtype). -> (model, step)."""
+  the default device, or with a mesh its backbone laid out as `rules` say and its head
+  replicated (as new_reward_model places them). config_overrides change non-architectural
+  fields (dtype). -> (model, step)."""
   if not os.path.exists(os.path.join(workdir, REWARD_FILE)):
     raise FileNotFoundError(f'{workdir!r} has no {REWARD_FILE}: not a reward-model workdir '
                             f'(trainers/reward.py)')
@@ -105,6 +115,12 @@ def load_reward_model(workdir: str, *, step: int | None = None, **config_overrid
   graphdef, state = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  if mesh is not None:
+    _, _, backbone = abstract_model(cfg, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    target['backbone'] = jax.tree.map(place, state['backbone'], backbone)
+    target['head'] = jax.tree.map(lambda x: place(x, replicated), state['head'])
   try:  # A damaged checkpoint: the same CheckpointError as every other reader's.
     return nnx.merge(graphdef, checkpoint.restore_params(ckpt, step, target)), step
   finally:

@@ -25,3 +25,15 @@ def tiny_sft_workdir(tmp_path_factory):
   pretrain.run(tiny_config(), pre)
   sft.run(tiny_config(sft_config, **{'init_from': pre, 'train.steps': 100}), run)
   return run
+
+
+@pytest.fixture(scope='session')
+def tiny_reward_run(tiny_sft_workdir, tmp_path_factory):
+  """A tiny reward model trained from tiny_sft_workdir: (workdir, config, loop.Result). Shared by
+  the reward-model tests (which check it) and PPO (which optimises against it)."""
+  from configs import reward as reward_config
+  from tests.helpers import tiny_config
+  from trainers import reward
+  run = str(tmp_path_factory.mktemp('tiny_rm') / 'rm')
+  config = tiny_config(reward_config, init_from=tiny_sft_workdir)
+  return run, config, reward.run(config, run)

@@ -38,10 +38,8 @@ def test_reward_model_needs_a_model_to_start_from(tmp_path):
     reward_trainer.run(tiny_config(reward_config), str(tmp_path))
 
 
-def test_reward_model_learns_and_reloads(tiny_sft_workdir, tmp_path):
-  run = str(tmp_path / 'rm')
-  config = tiny_config(reward_config, init_from=tiny_sft_workdir)
-  result = reward_trainer.run(config, run)
+def test_reward_model_learns_and_reloads(tiny_reward_run, tmp_path):
+  run, config, result = tiny_reward_run
   assert result.completed and os.path.exists(os.path.join(run, reward.REWARD_FILE))
   records = read_metrics(run)
   last = records[-1]
@@ -59,9 +57,9 @@ def test_reward_model_learns_and_reloads(tiny_sft_workdir, tmp_path):
   np.testing.assert_allclose(np.asarray(reward.pair_rewards(loaded, batch)), trained, atol=1e-5)
   assert np.abs(trained).max() > 0  # The head has moved off zero.
 
-  # eval/reward_accuracy.py scores the same 100 held-out pairs as the trainer's last eval, and
+  # eval/reward.py scores the same 100 held-out pairs as the trainer's last eval, and
   # the same pairs given as a user's JSONL score the same.
-  from eval.reward_accuracy import evaluate_reward_accuracy
+  from eval.reward import evaluate_reward_accuracy
   result = evaluate_reward_accuracy(run)
   assert result['pairs'] == len(held_out) == 100 and result['step'] == config.train.steps
   assert result['accuracy'] == pytest.approx(last['eval_accuracy'], abs=1e-6)

@@ -171,7 +171,8 @@ def make_algorithm(config: ml_collections.ConfigDict) -> rl.Algorithm:
     raise ValueError('grpo.loss_type=gspo takes one advantage per sequence; rl.process_reward '
                      'gives one per token (use gspo_token)')
 
-  def advantages(groups, rewards):
+  def advantages(groups, rewards, batch):
+    del batch  # Group-relative: the rewards alone.
     if r.process_reward:
       return [a for grp in groups for a in process_advantages(grp.steps, grp.token_starts)]
     return group_advantages(rewards, scale=scale, leave_one_out=g.advantage == 'rloo')

@@ -150,7 +150,11 @@ class Rollouts:
     r = config.rl
     self.config, self.tokenizer, self.group_size = config, tokenizer, group_size
     self.train, self.held_out = train, held_out
-    self.rewards = reward_lib.Rewards(r.rewards, r.reward_weights)
+    # Rule rewards (may be none when a scorer, such as PPO's reward model, gives the reward).
+    self.rewards = reward_lib.Rewards(r.rewards, r.reward_weights) if r.rewards else None
+    # scorer(prompt token lists, completion token lists, length=row_length) -> [N] scores added
+    # to the rule rewards as the part 'score'; set by the stage (trainers/ppo.py's reward model).
+    self.scorer = None
     self.process_reward = (reward_lib.resolve(r.process_reward, reward_lib.PROCESS_BUILTIN)
                            if r.process_reward else None)
     self.train_tokens = [prompt_sources.encode_prompt(tokenizer, e['prompt']) for e in train]
@@ -183,8 +187,19 @@ class Rollouts:
     truncated = [o.finish_reason == 'length' for o in outs]
     prompts = [examples[i]['prompt'] for i in prompt_indices for _ in range(n)]
     answers = [examples[i]['answer'] for i in prompt_indices for _ in range(n)]
-    total, parts = self.rewards(prompts, texts, answer=answers, truncated=truncated,
-                                completion_ids=[o.tokens for o in outs])
+    if self.rewards is not None:
+      total, parts = self.rewards(prompts, texts, answer=answers, truncated=truncated,
+                                  completion_ids=[o.tokens for o in outs])
+    else:
+      total, parts = np.zeros(len(outs), np.float32), {}
+    if self.scorer is not None:
+      scores = np.asarray(self.scorer([tokens[i] for i in prompt_indices for _ in range(n)],
+                                      [o.tokens for o in outs], length=self.row_length),
+                          np.float32)
+      total, parts = total + scores, {**parts, 'score': scores}
+    elif self.rewards is None:
+      raise ValueError('rl.rewards is empty and the stage gives no reward model: nothing scores '
+                       'the completions')
     correct = np.array([np.nan if a is None else reward_lib.answers_match(
         reward_lib.extract_answer(t), a) for t, a in zip(texts, answers)], np.float32)
     formatted = np.asarray(reward_lib.format_reward(prompts, texts, truncated=truncated),
@@ -333,13 +348,22 @@ class Algorithm:
   name: str
   group_size: int  # Completions per prompt.
   loss_fn: loop.LossFn  # Over rows with the fields `train` builds and `advantages`.
-  # (groups, rewards [P, G] with overlong shaping) -> advantages: [P, G] (one per completion),
-  # or a list of one array per completion with one advantage per token (process rewards).
-  advantages: Callable[[list, np.ndarray], np.ndarray | list]
+  # (groups, rewards [P, G] with overlong shaping, batch) -> advantages: [P, G] (one per
+  # completion), a list of one array per completion with one advantage per token (process
+  # rewards), or a dict with 'advantages' [N, L], more batch fields for loss_fn and the critic,
+  # and 'metrics'. batch holds the rows' mask, old_logp, ref_logp and, with a critic, values.
+  advantages: Callable[[list, np.ndarray, dict], np.ndarray | list | dict]
   # Whether a group is kept (DAPO's dynamic sampling rejects groups with equal rewards); None =
   # keep all. max_draws caps the generation rounds of one step.
   keep_group: Callable[[np.ndarray], bool] | None = None
   max_draws: int = 1
+  # A learned value function trained beside the policy (PPO's critic): values(rows, **kw) ->
+  # [N, L]; update(minibatch, update_index) -> metrics (one optimizer step); items() -> the
+  # pytrees to checkpoint by name; load(restored) puts them back.
+  critic: object | None = None
+  # JSON-able state that evolves over steps (PPO's adaptive KL coefficient): checkpointed in the
+  # meta item and restored on resume, so a resumed run equals an uninterrupted one.
+  state: dict = dataclasses.field(default_factory=dict)
 
 
 def _collect(rollouts: Rollouts, algorithm: Algorithm, order: PromptOrder, engine_params, *,
@@ -384,7 +408,8 @@ def evaluate(rollouts: Rollouts, engine_params, num: int) -> dict:
   groups = rollouts.generate(engine_params, list(range(min(num, len(rollouts.held_out)))), n=1,
                              seed=0, held_out=True, greedy=True)
   m = _group_metrics(groups)
-  return {f'eval_{k}': m[k] for k in ('accuracy', 'format_rate', 'reward_mean', 'completion_len')}
+  return {f'eval_{k}': m[k] for k in ('accuracy', 'format_rate', 'reward_mean', 'completion_len',
+                                      'reward_score') if k in m}
 
 
 def _shaped_rewards(config, groups: list[Group]) -> np.ndarray:
@@ -430,11 +455,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
   params = policy.initial_params
   opt_state = loop.init_optimizer_state(tx, params, mesh)
   ckpt = Checkpointer(f'{workdir}/checkpoints', keep=t.keep_checkpoints)
-  start, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, params, opt_state))
+  critic = algorithm.critic
+  critic_items = critic.items() if critic is not None else None
+  start, restored = ckpt.restore_newest(
+      lambda s: ckpt.restore(s, params, opt_state, extra=critic_items))
   start, cursor = start or 0, 0
   if start:
     params, opt_state = restored['params'], restored['opt_state']
     cursor = restored['meta']['prompt_cursor']
+    algorithm.state.update(restored['meta'].get('algorithm', {}))
+    if critic is not None:
+      critic.load(restored)
     print(f'Resumed from {workdir}/checkpoints/{start}.')
   final = lambda: nnx.merge(policy.graphdef, params, policy.frozen)
   if start >= t.steps or (t.stop_after and start >= t.stop_after):
@@ -466,6 +497,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
         logp_args = dict(batch_size=minibatch // t.grad_accum, mesh=mesh, rules=rules)
         old_logp, entropy = policy.logprobs(params, rows, **logp_args)
         ref_logp, _ = policy.logprobs(policy.reference, rows, **logp_args)
+        values = critic.values(rows, **logp_args) if critic is not None else None
         t_logp = time.perf_counter() - t0 - t_gen
 
         mask = rows['mask'] * np.repeat(group_weights, algorithm.group_size)[:, None]
@@ -475,33 +507,48 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
           mask = mask * ~truncated[:, None]
         is_weight, is_capped = importance_weights(old_logp, rows['engine_logp'], mask,
                                                   level=r.is_level, mode=r.is_mode, cap=r.is_cap)
-        advantages = _advantage_rows(algorithm.advantages(groups, _shaped_rewards(config, groups)),
-                                     rows)
         batch = {'inputs': rows['inputs'], 'targets': rows['targets'],
                  'positions': rows['positions'], 'mask': mask, 'old_logp': old_logp,
-                 'ref_logp': ref_logp, 'is_weight': is_weight,
-                 'advantages': advantages.astype(np.float32)}
+                 'ref_logp': ref_logp, 'is_weight': is_weight}
+        if values is not None:
+          batch['values'] = values
+        advantages = algorithm.advantages(groups, _shaped_rewards(config, groups), batch)
+        algorithm_metrics = {}
+        if isinstance(advantages, dict):
+          algorithm_metrics = advantages.pop('metrics', {})
+          batch.update(advantages)
+        else:
+          batch['advantages'] = _advantage_rows(advantages, rows)
+        batch = {k: np.asarray(v, np.float32) if v.dtype == np.float64 else v
+                 for k, v in batch.items()}
         order_in_batch = np.random.default_rng([config.seed, step]).permutation(t.batch_size)
-        outs = []
+        outs, critic_outs = [], []
         with jax.set_mesh(mesh):
           for u in range(r.updates_per_batch):
             k = u % r.minibatches
             idx = order_in_batch[k * minibatch:(k + 1) * minibatch]
             update = step * r.updates_per_batch + u
-            params, opt_state, out = train_step(
-                params, opt_state, global_batch({f: v[idx] for f, v in batch.items()}, mesh,
-                                                rules), jnp.int32(update))
+            minibatch_rows = global_batch({f: v[idx] for f, v in batch.items()}, mesh, rules)
+            params, opt_state, out = train_step(params, opt_state, minibatch_rows,
+                                                jnp.int32(update))
             outs.append(out)
-          outs = jax.device_get(outs)
+            if critic is not None:
+              critic_outs.append(critic.update(minibatch_rows, update))
+          outs, critic_outs = jax.device_get((outs, critic_outs))
         step += 1
         ckpt.check()  # A checkpoint write that failed in the background stops the run now.
-        for out in outs:
+        for out in outs + critic_outs:
           loop.raise_if_not_finite(out, step, ckpt.latest_step())
         t_step = time.perf_counter() - t0
 
         gen_tokens = sum(len(c.tokens) for g in groups for c in g.completions)
         completion = rows['mask'] > 0
         metrics = {k: float(np.mean([o[k] for o in outs])) for k in outs[0] if k != 'finite'}
+        for k in (critic_outs[0] if critic_outs else {}):
+          if k != 'finite':  # The critic's loss and gradient norm are the value function's.
+            name = {'loss': 'value_loss', 'grad_norm': 'value_grad_norm'}.get(k, k)
+            metrics[name] = float(np.mean([o[k] for o in critic_outs]))
+        metrics.update(algorithm_metrics)
         if 'ratio_sq_mean' in metrics:  # std = sqrt(E[rho^2] - E[rho]^2)
           metrics['ratio_std'] = float(np.sqrt(max(
               metrics.pop('ratio_sq_mean') - metrics['ratio_mean'] ** 2, 0.0)))
@@ -531,8 +578,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, policy: Policy, rollo
           writer.advance(0, loss=metrics['loss'], reward=metrics['reward_mean'])
           last_metrics = metrics
         if step % t.checkpoint_every == 0 or is_last or stop_reason:
-          ckpt.save(step, params, opt_state, {'seed': config.seed, 'prompt_cursor': order.cursor},
-                    force=True)
+          ckpt.save(step, params, opt_state, {'seed': config.seed, 'prompt_cursor': order.cursor,
+                                              'algorithm': algorithm.state},
+                    force=True, extra=critic.items() if critic is not None else None)
         if metrics['truncation_rate'] > 0.5 and step == start + 1:
           print(f'Warning: {metrics["truncation_rate"]:.0%} of the completions hit '
                 f'rl.max_completion_tokens={r.max_completion_tokens}; raise it.')

@@ -1,8 +1,8 @@
 """Held-out pair accuracy of a reward model (trainers/reward.py) on any preference source.
 
-  python -m eval.reward_accuracy --workdir=runs/rm                       # the run's held-out pairs
-  python -m eval.reward_accuracy --workdir=runs/rm --data=prefs.jsonl    # every pair of a file
-  python -m eval.reward_accuracy --workdir=runs/rm --task=chain_sum      # another built-in task
+  python -m eval.reward --workdir=runs/rm                       # the run's held-out pairs
+  python -m eval.reward --workdir=runs/rm --data=prefs.jsonl    # every pair of a file
+  python -m eval.reward --workdir=runs/rm --task=chain_sum      # another built-in task
 
 Each pair's chosen and rejected response gets a scalar reward; accuracy is the fraction of pairs
 with r_chosen > r_rejected (a tie counts one half, as in training, so an untrained zero head

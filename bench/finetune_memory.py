@@ -54,9 +54,10 @@ def child(args) -> dict:
   from flax import nnx
 
   from configs import lora as lora_config, qlora as qlora_config, sft as sft_config
-  from models import lora, presets
+  from models import presets
   from models.llama import create_model
   from trainers import common, loop, sft
+  from trainers import lora as adapters
 
   module = {'full': sft_config, 'lora': lora_config, 'qlora': qlora_config}[args.child]
   config = module.get_config('small')
@@ -71,15 +72,15 @@ def child(args) -> dict:
   model_cfg = common.model_config(config, presets.PRESETS[args.preset].vocab_size)
   mesh = common.mesh_from_config(config)
   model = create_model(model_cfg, seed=0, mesh=mesh, rules=config.sharding_rules)
-  spec, trainable = sft.lora_spec(config), nnx.Param
+  spec = adapters.spec(config)
   if spec is not None:
-    with jax.set_mesh(mesh):
-      model, trainable = lora.apply_lora(model, spec), nnx.LoRAParam
+    model = adapters.adapt(model, spec, seed=0, mesh=mesh)
+  trainable = adapters.trainable(spec)
   params = nnx.state(model, trainable)
   opt_bytes = _tree_bytes(loop.make_optimizer(config).init(params))
   workdir = tempfile.mkdtemp(prefix=f'finetune_{args.child}_')
   try:
-    loop.train(config, workdir, model, sft.make_loss(spec),
+    loop.train(config, workdir, model, adapters.wrap_loss(sft.sft_loss, spec),
                _random_batches(args.batch, args.seq, model_cfg.vocab_size), None, mesh=mesh,
                rules=config.sharding_rules, trainable=trainable)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:

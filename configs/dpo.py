@@ -21,6 +21,7 @@ Presets (the `:arg`):
 """
 import ml_collections
 
+from configs import sft
 from configs.base import base_config
 
 _PRESETS = {
@@ -47,6 +48,7 @@ def get_config(arg: str = 'tiny'):
   c.data.num_terms = (3, 3)  # Terms per arithmetic problem.
   c.data.num_digits = (1, 1)  # Digits per term.
   c.data.operators = ('+', '-')  # basic_arithmetic's operators, out of '+', '-', '*', '/'.
+  c.lora = sft.lora_keys()  # lora.rank > 0: adapters (trainers/lora.py; configs/lora.py).
 
   c.dpo = ml_collections.ConfigDict()
   # The objective (trainers/dpo.py cites each): sigmoid (DPO), robust, hinge, ipo, rpo, and the

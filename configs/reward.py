@@ -17,6 +17,7 @@ Presets (the `:arg`):
 """
 import ml_collections
 
+from configs import sft
 from configs.base import base_config
 
 _PRESETS = {
@@ -43,6 +44,7 @@ def get_config(arg: str = 'tiny'):
   c.data.num_terms = (3, 3)  # Terms per arithmetic problem.
   c.data.num_digits = (1, 1)  # Digits per term.
   c.data.operators = ('+', '-')  # basic_arithmetic's operators, out of '+', '-', '*', '/'.
+  c.lora = sft.lora_keys()  # lora.rank > 0: adapters (trainers/lora.py; configs/lora.py).
 
   c.reward = ml_collections.ConfigDict()
   # Std of the scalar head's initial weights; 0 starts every reward at 0 (accuracy 0.5).

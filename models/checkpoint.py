@@ -40,7 +40,7 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
   return text if len(text) <= limit else text[:limit] + ' ...'
 
 
-def _abstract(tree):
+def abstract_tree(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -156,11 +156,12 @@ class Checkpointer:
     """Restores into the shapes, dtypes and shardings of the given (live or abstract) trees;
     extra names the items `save` wrote beside params, with their target trees."""
     import grain
-    items = {'params': ocp.args.StandardRestore(_abstract(params)), 'meta': ocp.args.JsonRestore()}
+    items = {'params': ocp.args.StandardRestore(abstract_tree(params)),
+             'meta': ocp.args.JsonRestore()}
     if opt_state is not None:
-      items['opt_state'] = ocp.args.StandardRestore(_abstract(opt_state))
+      items['opt_state'] = ocp.args.StandardRestore(abstract_tree(opt_state))
     for name, tree in (extra or {}).items():
-      items[name] = ocp.args.StandardRestore(_abstract(tree))
+      items[name] = ocp.args.StandardRestore(abstract_tree(tree))
     if hasattr(data_iter, 'get_state'):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -267,5 +268,6 @@ def _load_lora_merged(ckpt: Checkpointer, step: int, spec, mesh, rules, config_o
   base, _ = load_model(spec.base, mesh=mesh, rules=rules, **config_overrides)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     model = lora.apply_lora(base, spec)
-  nnx.update(model, restore_params(ckpt, step, _abstract(nnx.state(model, nnx.LoRAParam))))
+  adapters = abstract_tree(nnx.state(model, nnx.LoRAParam))
+  nnx.update(model, restore_params(ckpt, step, adapters))
   return lora.merge_lora(model, spec)

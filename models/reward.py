@@ -12,6 +12,7 @@ zero.
 A reward workdir (trainers/reward.py) is a normal workdir (model.json, tokenizer, checkpoints)
 plus REWARD_FILE; its checkpoint's params hold the backbone and the head.
 """
+import contextlib
 import json
 import os
 
@@ -95,6 +96,28 @@ def write_marker(workdir: str, head_init_std: float):
     json.dump({'head': 'linear on the last response token', 'head_init_std': head_init_std}, f)
 
 
+def own_head(path, _value) -> bool:
+  """An nnx filter of the reward model's scalar head (path ('head', ...)), not the backbone's LM
+  head (('backbone', 'head', ...)): with adapters, it trains beside them."""
+  return len(path) > 0 and path[0] == 'head'
+
+
+def _load_lora_reward_model(ckpt, step: int, spec, mesh, rules, config_overrides) -> RewardModel:
+  """A LoRA reward workdir (adapters and head in its checkpoints, lora.json naming the base):
+  the base backbone with the adapters merged in, and the trained head."""
+  from models import lora
+  base, _ = checkpoint.load_model(spec.base, mesh=mesh, rules=rules, **config_overrides)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    backbone = lora.apply_lora(base, spec)
+  model = (new_reward_model(backbone, mesh) if mesh is not None
+           else RewardModel(backbone, rngs=nnx.Rngs(0)))
+  trained = nnx.state(model, nnx.Any(nnx.LoRAParam, own_head))
+  nnx.update(model, checkpoint.restore_params(ckpt, step, checkpoint.abstract_tree(trained)))
+  merged = RewardModel(lora.merge_lora(model.backbone, spec), rngs=nnx.Rngs(0))
+  nnx.update(merged.head, nnx.state(model.head))
+  return merged
+
+
 def load_reward_model(workdir: str, *, step: int | None = None, mesh=None, rules=None,
                       **config_overrides) -> tuple[RewardModel, int]:
   """The RewardModel of a trainers/reward.py workdir at its newest (or the given) checkpoint, on
@@ -109,6 +132,13 @@ def load_reward_model(workdir: str, *, step: int | None = None, mesh=None, rules
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {ckpt.directory}')
+  from models import lora  # Here: qwix is only needed for adapter workdirs.
+  spec = lora.read_spec(workdir)
+  if spec is not None:
+    try:
+      return _load_lora_reward_model(ckpt, step, spec, mesh, rules, config_overrides), step
+    finally:
+      ckpt.close()
   with nnx.use_eager_sharding(False):  # As models/llama.abstract_model: no mesh to place on.
     abstract = nnx.eval_shape(
         lambda: RewardModel(Llama(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0)))

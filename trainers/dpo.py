@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data import pipeline, preferences
 from models.losses import pair_weights_and_accuracy
 from trainers import cli, common, loop
+from trainers import lora as adapters
 from trainers import workdir as workdir_lib
 from trainers.sft import eval_batches
 
@@ -196,8 +197,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   per_process = common.per_process_batch(config)
 
   check_config(config.dpo)
+  adapters.spec(config)  # A bad lora block fails before anything is written.
+  # With adapters (trainers/lora.py) the policy starts as exactly the base (B = 0; for QLoRA the
+  # quantized base), which is then the reference: no second copy of the weights.
+  model, spec = adapters.prepare_model(config, workdir, tokenizer, model_cfg, mesh)
   if config.dpo.loss_type not in REFERENCE_FREE:  # simpo and orpo need no reference pass.
-    reference = common.load_init_from(config, model_cfg, mesh)
+    reference = model if spec is not None else common.load_init_from(config, model_cfg, mesh)
     for rows in (train_rows, eval_rows):
       if rows is not None:
         rows['ref_logps'] = reference_logps(reference, rows, batch_size=config.train.batch_size,
@@ -212,13 +217,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   if eval_rows is not None and config.train.eval_batches:
     held_out_batches = eval_batches(eval_rows, batch_size=per_process,
                                     max_batches=config.train.eval_batches)
-  common.write_workdir(config, workdir, tokenizer, model_cfg)
-  model = common.initial_model(config, workdir, model_cfg, mesh)
-  print(f'Model of {model_cfg.num_params():,} parameters; preference loss '
+  trainable = adapters.trainable(spec)
+  print(f'{adapters.describe(model, trainable, model_cfg, spec)} Preference loss '
         f'{config.dpo.loss_type!r}, beta={config.dpo.beta}, '
         f'label_smoothing={config.dpo.label_smoothing}.')
-  return loop.train(config, workdir, model, make_loss(config.dpo), train_iter, held_out_batches,
-                    mesh=mesh, rules=config.sharding_rules, token_loss=False)
+  return loop.train(config, workdir, model, adapters.wrap_loss(make_loss(config.dpo), spec),
+                    train_iter, held_out_batches, mesh=mesh, rules=config.sharding_rules,
+                    token_loss=False, trainable=trainable)
 
 
 if __name__ == '__main__':

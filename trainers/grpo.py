@@ -42,7 +42,7 @@ from models import lora
 from models.losses import token_logprobs
 from trainers import cli, common, rl
 from trainers import workdir as workdir_lib
-from trainers.sft import lora_spec
+from trainers import lora as adapters
 
 LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'gspo', 'gspo_token')
 
@@ -208,14 +208,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          f'"answer" for every prompt; this one has none: '
                          f'{str(e["prompt"])[:120]!r}')
   rl.prompts_per_step(config, algorithm.group_size)
-  spec = lora_spec(config)
+  spec = adapters.spec(config)
   tokenizer = common.tokenizer_for(config, workdir)
   model_cfg = common.model_config(config, tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
   base = common.load_init_from(config, model_cfg, mesh)
   if spec is not None:
-    with jax.set_mesh(mesh):
-      base = lora.apply_lora(base, spec, seed=config.seed)
+    base = adapters.adapt(base, spec, seed=config.seed, mesh=mesh)
   policy = rl.Policy(base, spec, chunk=config.rl.logprob_chunk,
                      engine_dtype=rl.engine_dtype(config, model_cfg), mesh=mesh)
   rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out,

@@ -36,7 +36,6 @@ model (ppo.critic='reward_model', as TRL does) or from the SFT backbone with a z
 (ppo.critic='policy'). It is saved as the checkpoint items `critic` and `critic_opt_state` beside
 the policy's `params`, so every reader of the workdir loads the policy as from any other stage.
 """
-import dataclasses
 import os
 
 import jax
@@ -52,7 +51,7 @@ from models import lora, reward as reward_model_lib
 from models.losses import token_logprobs
 from trainers import cli, common, loop, rl
 from trainers import workdir as workdir_lib
-from trainers.sft import lora_spec
+from trainers import lora as adapters
 
 CRITICS = ('reward_model', 'policy')
 
@@ -344,7 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       raise ValueError('rl.rewards has the accuracy reward, which needs an "answer" for every '
                        'prompt')
   rl.prompts_per_step(config, p.num_generations)
-  spec = lora_spec(config)
+  spec = adapters.spec(config)
   tokenizer = common.tokenizer_for(config, workdir)
   _check_same_tokenizer(tokenizer, p.reward_model)
   model_cfg = common.model_config(config, tokenizer.vocab_size)
@@ -362,9 +361,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   critic = Critic(config, critic_model, mesh)
   algorithm = make_algorithm(config, critic)
 
-  if spec is not None:
-    with jax.set_mesh(mesh):
-      base = lora.apply_lora(base, spec, seed=config.seed)
+  if spec is not None:  # Adapters on the policy; the critic is a model of its own.
+    base = adapters.adapt(base, spec, seed=config.seed, mesh=mesh)
   policy = rl.Policy(base, spec, chunk=config.rl.logprob_chunk,
                      engine_dtype=rl.engine_dtype(config, model_cfg), mesh=mesh)
   rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out,

@@ -17,6 +17,7 @@ from data import pipeline, preferences
 from models import reward
 from models.losses import pair_weights_and_accuracy
 from trainers import cli, common, loop
+from trainers import lora as adapters
 from trainers import workdir as workdir_lib
 from trainers.sft import eval_batches
 
@@ -55,14 +56,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
     eval_rows = preferences.encode_pairs(tokenizer, held_out, config.data.seq_len)
     held_out_batches = eval_batches(eval_rows, batch_size=per_process,
                                     max_batches=config.train.eval_batches)
-  common.write_workdir(config, workdir, tokenizer, model_cfg)
+  # With adapters (trainers/lora.py): the backbone's adapters and the head train, nothing else.
+  backbone, spec = adapters.prepare_model(config, workdir, tokenizer, model_cfg, mesh)
   reward.write_marker(workdir, config.reward.head_init_std)
-  backbone = common.initial_model(config, workdir, model_cfg, mesh)
   model = reward.new_reward_model(backbone, mesh, head_init_std=config.reward.head_init_std,
                                   seed=config.seed)
-  print(f'Reward model on a backbone of {model_cfg.num_params():,} parameters.')
-  return loop.train(config, workdir, model, loss_fn, train_iter, held_out_batches,
-                    mesh=mesh, rules=config.sharding_rules, token_loss=False)
+  trainable = adapters.trainable(spec, with_head=True)
+  print('Reward ' + adapters.describe(model, trainable, model_cfg, spec).lower())
+  return loop.train(config, workdir, model, adapters.wrap_loss(loss_fn, spec), train_iter,
+                    held_out_batches, mesh=mesh, rules=config.sharding_rules, token_loss=False,
+                    trainable=trainable)
 
 
 if __name__ == '__main__':

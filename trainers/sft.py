@@ -14,17 +14,15 @@ back into a plain model for eval, serving and later stages. Everything else (opt
 resumption, metrics) is the shared loop's.
 """
 import dataclasses
-import os
 
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from data import chat, pipeline, sft_sources
-from models import lora
 from models.losses import token_cross_entropy
 from trainers import cli, common, loop
+from trainers import lora as adapters
 from trainers import workdir as workdir_lib
 
 
@@ -59,30 +57,18 @@ def eval_batches(rows: dict, *, batch_size: int, max_batches: int) -> list[dict]
           for i in range(n_batches)]
 
 
-def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
-  l = config.lora
-  if l.rank == 0:
-    return None
-  return lora.LoraSpec(base=os.path.abspath(config.init_from), rank=l.rank, alpha=l.alpha,
-                       dropout=l.dropout, target=l.target, weight_qtype=l.weight_qtype,
-                       tile_size=l.tile_size)
-
-
-def make_loss(spec: lora.LoraSpec | None):
-  def sft_loss(model, batch, rng):
-    if spec is not None and spec.dropout > 0:
-      lora.set_dropout_rng(model, rng)
-    logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-    loss_sum, count, correct = token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
-    return loss_sum, count, {'accuracy': correct}
-  return sft_loss
+def sft_loss(model, batch, rng):
+  del rng
+  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  loss_sum, count, correct = token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
+  return loss_sum, count, {'accuracy': correct}
 
 
 @workdir_lib.stage('sft')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   if not config.init_from:
     raise ValueError('SFT starts from a pretrained model: set --config.init_from=WORKDIR')
-  spec = lora_spec(config)
+  adapters.spec(config)  # A bad lora block fails before anything is read or written.
   tokenizer = common.tokenizer_for(config, workdir)
   data = prepare_data(config, tokenizer)
   model_cfg = common.model_config(config, tokenizer.vocab_size)
@@ -97,22 +83,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
     held_out = eval_batches(data.eval_rows, batch_size=per_process,
                             max_batches=config.train.eval_batches)
 
-  if spec is None:
-    common.write_workdir(config, workdir, tokenizer, model_cfg)
-    model, trainable = common.initial_model(config, workdir, model_cfg, mesh), nnx.Param
-  else:
-    # The frozen base is loaded on every start, resumed ones included: an adapter run's
-    # checkpoints hold only the adapters.
-    base = common.load_init_from(config, model_cfg, mesh)
-    common.write_workdir(config, workdir, tokenizer, model_cfg)
-    lora.save_spec(workdir, spec)
-    with jax.set_mesh(mesh):
-      model, trainable = lora.apply_lora(base, spec, seed=config.seed), nnx.LoRAParam
-  n_trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable)))
-  kind = 'full' if spec is None else f'LoRA rank {spec.rank} {spec.weight_qtype}'.strip()
-  print(f'Model of {model_cfg.num_params():,} parameters, {n_trainable:,} trainable ({kind}).')
-  return loop.train(config, workdir, model, make_loss(spec), train_iter, held_out, mesh=mesh,
-                    rules=config.sharding_rules, trainable=trainable)
+  # With adapters (trainers/lora.py) the frozen base is loaded on every start, resumed ones
+  # included: an adapter run's checkpoints hold only the adapters.
+  model, spec = adapters.prepare_model(config, workdir, tokenizer, model_cfg, mesh)
+  trainable = adapters.trainable(spec)
+  print(adapters.describe(model, trainable, model_cfg, spec))
+  return loop.train(config, workdir, model, adapters.wrap_loss(sft_loss, spec), train_iter,
+                    held_out, mesh=mesh, rules=config.sharding_rules, trainable=trainable)
 
 
 if __name__ == '__main__':

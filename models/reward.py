@@ -18,6 +18,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -155,3 +156,33 @@ def load_reward_model(workdir: str, *, step: int | None = None, mesh=None, rules
     return nnx.merge(graphdef, checkpoint.restore_params(ckpt, step, target)), step
   finally:
     ckpt.close()
+
+
+class RewardScorer:
+  """The frozen reward model's score of each (prompt, completion): the head at the completion's
+  last token, read as trainers/reward.py trained it (models/reward.reward). Rows are padded to a
+  fixed length and batch, so scoring compiles once."""
+
+  def __init__(self, workdir: str, *, batch_size: int, mesh, rules, dtype: str):
+    self.model, self.step = load_reward_model(workdir, mesh=mesh, rules=rules, dtype=dtype)
+    self.batch_size = batch_size
+    graphdef, state = nnx.split(self.model)
+    self.state = state
+    self._score = jax.jit(lambda s, tokens, last: reward(
+        nnx.merge(graphdef, s), tokens, None, None, last))
+
+  def __call__(self, prompts: list[list[int]], completions: list[list[int]], *,
+               length: int) -> np.ndarray:
+    n, b = len(prompts), self.batch_size
+    total = -(-n // b) * b
+    tokens = np.zeros((total, length), np.int32)
+    last = np.zeros(total, np.int32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+      seq = (p + c)[:length + 1]
+      tokens[i, :len(seq) - 1] = seq[:-1]
+      # The input position whose target is the last completion token (the end of turn when the
+      # completion finished): the last response token, as in the reward model's training rows.
+      last[i] = len(seq) - 2
+    scores = [jax.device_get(self._score(self.state, tokens[s:s + b], last[s:s + b]))
+              for s in range(0, total, b)]
+    return np.concatenate(scores)[:n].astype(np.float32)

@@ -170,37 +170,6 @@ def value_loss(values, old_values, returns, mask, *, clip: float):
 
 # ----------------------------------------------------------------------------- the models
 
-class RewardScorer:
-  """The frozen reward model's score of each (prompt, completion): the head at the completion's
-  last token, read as trainers/reward.py trained it (models/reward.reward). Rows are padded to a
-  fixed length and batch, so scoring compiles once."""
-
-  def __init__(self, workdir: str, *, batch_size: int, mesh, rules, dtype: str):
-    self.model, self.step = reward_model_lib.load_reward_model(workdir, mesh=mesh, rules=rules,
-                                                               dtype=dtype)
-    self.batch_size = batch_size
-    graphdef, state = nnx.split(self.model)
-    self.state = state
-    self._score = jax.jit(lambda s, tokens, last: reward_model_lib.reward(
-        nnx.merge(graphdef, s), tokens, None, None, last))
-
-  def __call__(self, prompts: list[list[int]], completions: list[list[int]], *,
-               length: int) -> np.ndarray:
-    n, b = len(prompts), self.batch_size
-    total = -(-n // b) * b
-    tokens = np.zeros((total, length), np.int32)
-    last = np.zeros(total, np.int32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-      seq = (p + c)[:length + 1]
-      tokens[i, :len(seq) - 1] = seq[:-1]
-      # The input position whose target is the last completion token (the end of turn when the
-      # completion finished): the last response token, as in the reward model's training rows.
-      last[i] = len(seq) - 2
-    scores = [jax.device_get(self._score(self.state, tokens[s:s + b], last[s:s + b]))
-              for s in range(0, total, b)]
-    return np.concatenate(scores)[:n].astype(np.float32)
-
-
 class Critic:
   """The value function V: a RewardModel read at every position, with its own optimizer (the
   loop's AdamW, schedule and clipping, at ppo.value_learning_rate) and jitted steps."""
@@ -367,7 +336,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      engine_dtype=rl.engine_dtype(config, model_cfg), mesh=mesh)
   rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out,
                          group_size=algorithm.group_size, mesh=mesh, rules=rules)
-  scorer = RewardScorer(p.reward_model, batch_size=min(config.train.batch_size, 64), mesh=mesh,
+  scorer = reward_model_lib.RewardScorer(p.reward_model, batch_size=min(config.train.batch_size, 64), mesh=mesh,
                         rules=rules, dtype=rl.engine_dtype(config, model_cfg))
   rollouts.scorer = scorer
   rl.check_config(config, model_cfg, max_prompt=rollouts.max_prompt)

@@ -17,7 +17,7 @@ tiny: the same stages in a few tiny steps each, for quick checks.
 """
 import ml_collections
 
-from configs import grpo, pretrain, sft
+from configs import dpo, grpo, ppo, pretrain, reward, sft
 
 
 def get_config(arg: str = 'demo'):
@@ -28,11 +28,18 @@ def get_config(arg: str = 'demo'):
   c.pretrain = pretrain.get_config(presets[arg])
   c.sft = sft.get_config(presets[arg])  # init_from '' = the pretrain stage's workdir.
   c.grpo = grpo.get_config(presets[arg])  # init_from '' = the SFT stage's workdir.
+  c.reward = reward.get_config(presets[arg])  # init_from '' = the SFT stage's workdir.
+  c.ppo = ppo.get_config(presets[arg])  # init_from '' = SFT; ppo.reward_model '' = the above.
+  c.dpo = dpo.get_config(presets[arg])  # init_from '' = the SFT stage's workdir.
   if arg == 'tiny':
     c.sft.train.steps = 20
     c.sft.eval.num_problems = 16
     c.grpo.train.steps = 3
     c.grpo.eval.num_problems = 16
+    c.reward.train.steps = 10
+    c.ppo.train.steps = 2
+    c.ppo.eval.num_problems = 16
+    c.dpo.train.steps = 10
   c.samples = ml_collections.ConfigDict()
   c.samples.prompts = ('ROMEO:', 'To be, or not to be', 'KING HENRY:\nNow')  # Sampled at the end.
   c.samples.max_new_tokens = 48 if arg == 'demo' else 16

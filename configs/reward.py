@@ -49,6 +49,9 @@ def get_config(arg: str = 'tiny'):
   c.reward = ml_collections.ConfigDict()
   # Std of the scalar head's initial weights; 0 starts every reward at 0 (accuracy 0.5).
   c.reward.head_init_std = 0.0
+  # What the reward reads: 'last' (the head at the last response token, InstructGPT's) or 'mean'
+  # (the head's mean over the response's positions; models/reward.py).
+  c.reward.pooling = 'last'
 
   c.train.steps = p['steps']
   c.train.batch_size = p['batch']  # Pairs per step (each two rows of data.seq_len).

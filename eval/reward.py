@@ -3,6 +3,7 @@
   python -m eval.reward --workdir=runs/rm                       # the run's held-out pairs
   python -m eval.reward --workdir=runs/rm --data=prefs.jsonl    # every pair of a file
   python -m eval.reward --workdir=runs/rm --task=chain_sum      # another built-in task
+  python -m eval.reward --workdir=runs/rm --policy=runs/ppo      # score a policy's answers
 
 Each pair's chosen and rejected response gets a scalar reward; accuracy is the fraction of pairs
 with r_chosen > r_rejected (a tie counts one half, as in training, so an untrained zero head
@@ -10,6 +11,11 @@ scores 0.5), reported with the mean margin and the mean rewards. By default the 
 held-out ones of the run's own config, which training never saw; with --data, every line of the
 file (data/preferences.py's formats). The JSON goes to stdout and to the workdir as
 eval_reward_accuracy[_<source>].json.
+
+With --policy=WORKDIR it scores a policy instead: the reward model's mean score of the policy's
+greedy answers to the held-out prompts of the policy's task (data/prompts.py, the problems
+eval/accuracy.py uses), with their exact-match accuracy, the before/after measure of PPO and DPO
+(`score_policy`; the JSON goes to the policy's workdir as eval_reward_score.json).
 """
 import json
 import os
@@ -65,18 +71,68 @@ def evaluate_reward_accuracy(workdir: str, *, data: str = '', task: str = '',
   return result
 
 
+def score_policy(reward_workdir: str, policy_workdir: str, *, num_problems: int = 0,
+                 batch_size: int = 32, dtype: str = 'auto') -> dict:
+  """The reward model's mean score of a policy's greedy answers to its held-out prompts, and
+  their exact-match accuracy."""
+  from data import chat, prompts as prompt_sources, rewards as reward_lib
+  from eval.accuracy import task_config
+  from models import checkpoint
+  from serving import offline
+  config = task_config(policy_workdir)
+  _, held_out = prompt_sources.load_prompts(config.data, config.seed)
+  problems = held_out[:num_problems or config.eval.num_problems]
+  if not problems:
+    raise ValueError(f'{policy_workdir}: its task holds out no prompts to score')
+  tokenizer = load_tokenizer(policy_workdir)
+  chat_prompts = any(not isinstance(p['prompt'], str) for p in problems)
+  eos = chat.end_of_turn_id(tokenizer) if chat_prompts else tokenizer.eos_id
+  prompts = [prompt_sources.encode_prompt(tokenizer, p['prompt']) for p in problems]
+  n_new = config.eval.max_new_tokens
+  model, step = checkpoint.load_model(policy_workdir, dtype=dtype)
+  outs = offline.generate(offline.engine_for(model, prompts, n_new, max_slots=batch_size),
+                          prompts, max_tokens=n_new, eos_id=eos)
+  scorer = reward.RewardScorer(reward_workdir, batch_size=batch_size, mesh=None, rules=None,
+                               dtype=dtype)
+  scores = scorer(prompts, [o.tokens for o in outs], length=max(map(len, prompts)) + n_new)
+  texts = [tokenizer.decode([t for t in o.tokens if t != eos]) for o in outs]
+  known = [(t, p['answer']) for t, p in zip(texts, problems) if p['answer'] is not None]
+  result = {'policy': policy_workdir, 'step': int(step), 'reward_model': reward_workdir,
+            'reward_model_step': scorer.step, 'problems': len(problems),
+            'score_mean': float(np.mean(scores)), 'score_std': float(np.std(scores)),
+            'accuracy': float(np.mean([reward_lib.answers_match(reward_lib.extract_answer(t), a)
+                                       for t, a in known])) if known else None}
+  with open(os.path.join(policy_workdir, 'eval_reward_score.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
 def main():
   workdir = flags.DEFINE_string('workdir', None, 'Reward-model workdir (trainers/reward.py).',
                                 required=True)
+  policy = flags.DEFINE_string('policy', '', 'Score this policy\'s greedy held-out answers '
+                               'instead of pairs.')
+  num_problems = flags.DEFINE_integer('num_problems', 0, 'With --policy: prompts to score (0: '
+                                      'the policy run\'s eval.num_problems).')
   data = flags.DEFINE_string('data', '', 'A preference JSONL to score, every line of it.')
   task = flags.DEFINE_string('task', '', f'A built-in pair task: one of {preferences.PAIR_TASKS}.')
   step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
   max_pairs = flags.DEFINE_integer('max_pairs', 0, 'Score at most this many pairs (0: all).')
   seq_len = flags.DEFINE_integer('seq_len', 0, 'Tokens per response row (0: the run\'s).')
   dtype = entry.define_dtype_flag()
-  entry.run_main(lambda argv: print(json.dumps(evaluate_reward_accuracy(
-      workdir.value, data=data.value, task=task.value, step=step.value,
-      max_pairs=max_pairs.value, seq_len=seq_len.value, dtype=dtype.value))))
+
+  def _main(argv):
+    del argv
+    if policy.value:
+      result = score_policy(workdir.value, policy.value, num_problems=num_problems.value,
+                            dtype=dtype.value)
+    else:
+      result = evaluate_reward_accuracy(
+          workdir.value, data=data.value, task=task.value, step=step.value,
+          max_pairs=max_pairs.value, seq_len=seq_len.value, dtype=dtype.value)
+    print(json.dumps(result))
+
+  entry.run_main(_main)
 
 
 if __name__ == '__main__':

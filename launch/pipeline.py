@@ -1,5 +1,6 @@
 """The end-to-end runner: tokenizer -> pretrain -> eval -> samples -> SFT -> accuracy -> GRPO ->
-accuracy (later stages extend it).
+reward model -> PPO -> DPO, each scored on the same held-out problems (exact match; for the
+preference stages also the reward model's score of the greedy answers).
 
   python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/demo
 
@@ -19,10 +20,11 @@ from configs import entry
 from data.tokenizer import load_tokenizer
 from eval.accuracy import evaluate_accuracy
 from eval.perplexity import evaluate_perplexity
+from eval.reward import evaluate_reward_accuracy, score_policy
 from models import checkpoint
 from serving import offline
 from serving.engine import SamplingParams
-from trainers import grpo, pretrain, sft
+from trainers import dpo, grpo, ppo, pretrain, reward, sft
 from trainers.metrics import read_metrics
 
 
@@ -90,6 +92,7 @@ def run(config, workdir: str) -> dict:
 
   rows += _sft_stage(config, workdir, pre_dir, report)
   rows += _grpo_stage(config, workdir, os.path.join(workdir, 'sft'), report)
+  rows += _preference_stages(config, workdir, os.path.join(workdir, 'sft'), report)
 
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2)
@@ -106,8 +109,8 @@ def run(config, workdir: str) -> dict:
   print(f'SFT sample: {s["question"]!r} -> {s["answer"]!r} (expected {s["expected"]})\n')
   s = report['grpo']['samples'][0]
   print(f'GRPO sample: {s["question"]!r} -> {s["answer"]!r} (expected {s["expected"]})\n')
-  print(f'Everything is in {workdir}/ (report.json, pretrain/, sft/, grpo/ with metrics.jsonl, '
-        f'tb, ...).')
+  print(f'Everything is in {workdir}/ (report.json, pretrain/, sft/, grpo/, reward/, ppo/, dpo/ '
+        f'with metrics.jsonl, tb, ...).')
   return report
 
 
@@ -168,6 +171,68 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
           ('grpo', 'step time split', f'generation {pct("generate")}, log-probs '
                                       f'{pct("logprobs")}, updates {pct("update")}'),
           ('grpo', 'wall time', f'{seconds:.0f} s')]
+
+
+def _preference_stages(config, workdir: str, sft_dir: str,
+                       report: dict) -> list[tuple[str, str, str]]:
+  """The RLHF stages from the SFT model: a reward model on preference pairs, PPO against it, and
+  DPO on the pairs; each policy scored by exact match and by the reward model's mean score of
+  its greedy answers to the same held-out problems."""
+  rows = []
+  t0 = time.time()
+  rm_dir = os.path.join(workdir, 'reward')
+  c = config.reward
+  c.init_from = c.init_from or sft_dir
+  result = reward.run(c, rm_dir)
+  if not result.completed:
+    raise SystemExit(143)
+  seconds = time.time() - t0
+  acc = evaluate_reward_accuracy(rm_dir)
+  first = read_metrics(os.path.join(rm_dir, 'metrics.jsonl'))[0]
+  report['reward'] = {'steps': result.step, 'seconds': seconds, 'accuracy': acc['accuracy'],
+                      'margin': acc['margin'], 'pairs': acc['pairs']}
+  kind = f'LoRA rank {c.lora.rank}' if c.lora.rank else 'full'
+  rows += [('reward', 'pairs', f'{c.data.source}: correct vs corrupted solutions, {kind}, '
+                               f'{result.step} steps'),
+           ('reward', 'held-out pair accuracy', f'0.50 (zero head) -> {acc["accuracy"]:.2f} '
+                                                f'({acc["pairs"]} pairs; train '
+                                                f'{first["accuracy"]:.2f} at step '
+                                                f'{first["step"]})'),
+           ('reward', 'wall time', f'{seconds:.0f} s')]
+  sft_score = score_policy(rm_dir, sft_dir)
+  report['reward']['sft_policy'] = sft_score
+
+  for name, module, cfg in (('ppo', ppo, config.ppo), ('dpo', dpo, config.dpo)):
+    t0 = time.time()
+    stage_dir = os.path.join(workdir, name)
+    cfg.init_from = cfg.init_from or sft_dir
+    if name == 'ppo':
+      cfg.ppo.reward_model = cfg.ppo.reward_model or rm_dir
+    result = module.run(cfg, stage_dir)
+    if not result.completed:
+      raise SystemExit(143)
+    seconds = time.time() - t0
+    after = score_policy(rm_dir, stage_dir)
+    report[name] = {'steps': result.step, 'seconds': seconds, 'accuracy_before':
+                    sft_score['accuracy'], 'accuracy_after': after['accuracy'],
+                    'score_before': sft_score['score_mean'], 'score_after': after['score_mean']}
+    kind = f'LoRA rank {cfg.lora.rank}' if cfg.lora.rank else 'full'
+    what = (f'{cfg.train.batch_size} prompts x {cfg.ppo.epochs} epochs, {kind}, {result.step} '
+            f'steps' if name == 'ppo' else
+            f'loss {cfg.dpo.loss_type}, {kind}, {result.step} steps of {cfg.train.batch_size} '
+            f'pairs')
+    rows += [(name, 'setting', what),
+             (name, 'exact-match accuracy', f'{sft_score["accuracy"]:.0%} (SFT) -> '
+                                            f'{after["accuracy"]:.0%}'),
+             (name, 'reward-model score', f'{sft_score["score_mean"]:.2f} (SFT) -> '
+                                          f'{after["score_mean"]:.2f}')]
+    if name == 'ppo':
+      records = [r for r in read_metrics(os.path.join(stage_dir, 'metrics.jsonl'))
+                 if r['step'] > 0]
+      report[name]['kl_last'] = records[-1]['kl']
+      rows.append((name, 'KL to SFT (per token)', f'{records[-1]["kl"]:.3f} at the last step'))
+    rows.append((name, 'wall time', f'{seconds:.0f} s'))
+  return rows
 
 
 def main():

@@ -28,10 +28,21 @@ from models.llama import Llama, abstract_model
 REWARD_FILE = 'reward.json'
 
 
-class RewardModel(nnx.Module):
+POOLINGS = ('last', 'mean')
 
-  def __init__(self, backbone: Llama, *, head_init_std: float = 0.0, rngs: nnx.Rngs):
+
+class RewardModel(nnx.Module):
+  """pooling says which hidden states the scalar reward reads: 'last', the head at the last
+  response token (InstructGPT's), or 'mean', the mean of the head over the response's positions
+  (every token that has read part of the response): a mistake anywhere in the response can lower
+  the reward right where it is read, instead of having to be carried to the last token."""
+
+  def __init__(self, backbone: Llama, *, head_init_std: float = 0.0, pooling: str = 'last',
+               rngs: nnx.Rngs):
+    if pooling not in POOLINGS:
+      raise ValueError(f'reward.pooling={pooling!r}: expected one of {POOLINGS}')
     self.backbone = backbone
+    self.pooling = pooling
     # Zero by default: every reward starts at 0, so the first loss is log 2 and accuracy is 0.5
     # whatever the backbone, and the backbone gets no gradient until the head has a direction.
     init = (nnx.initializers.zeros if head_init_std == 0.0
@@ -40,11 +51,12 @@ class RewardModel(nnx.Module):
 
 
 def new_reward_model(backbone: Llama, mesh, *, head_init_std: float = 0.0,
-                     seed: int = 0) -> RewardModel:
+                     pooling: str = 'last', seed: int = 0) -> RewardModel:
   """RewardModel around a backbone already on `mesh`, its head replicated over the mesh (the head
   carries no logical axis names, and one jit cannot mix it on one device with a sharded
   backbone)."""
-  model = RewardModel(backbone, head_init_std=head_init_std, rngs=nnx.Rngs(seed))
+  model = RewardModel(backbone, head_init_std=head_init_std, pooling=pooling,
+                      rngs=nnx.Rngs(seed))
   replicated = NamedSharding(mesh, PartitionSpec())
   nnx.update(model.head, jax.device_put(nnx.state(model.head), replicated))
   return model
@@ -60,9 +72,16 @@ def last_response_index(loss_mask: jax.Array) -> jax.Array:
   return t - 1 - jnp.argmax(jnp.flip(loss_mask > 0, -1), axis=-1)
 
 
-def reward(model: RewardModel, tokens, positions, segment_ids, last_index) -> jax.Array:
-  """tokens, positions, segment_ids [B, T] and last_index [B] -> rewards [B] in fp32."""
+def reward(model: RewardModel, tokens, positions, segment_ids, response_mask) -> jax.Array:
+  """tokens, positions, segment_ids [B, T] and the response's loss mask [B, T] (on targets, so its
+  positions are the inputs from the last prompt token to the last response token) -> rewards [B]
+  in fp32, pooled as model.pooling says."""
   x, _ = model.backbone.hidden_states(tokens, positions, segment_ids)
+  if model.pooling == 'mean':
+    per_token = model.head(x.astype(jnp.float32))[..., 0]
+    mask = response_mask.astype(jnp.float32)
+    return (per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+  last_index = last_response_index(response_mask)
   last = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
   return model.head(last.astype(jnp.float32))[:, 0]
 
@@ -79,8 +98,7 @@ def pair_rewards(model: RewardModel, batch: dict) -> jax.Array:
   """Rewards of data/preferences.py rows [B, 2, T] -> [B, 2] (0 = chosen, 1 = rejected)."""
   b, n, t = batch['inputs'].shape
   flat = lambda k: batch[k].reshape(b * n, t)
-  r = reward(model, flat('inputs'), flat('positions'), flat('segment_ids'),
-             last_response_index(flat('loss_mask')))
+  r = reward(model, flat('inputs'), flat('positions'), flat('segment_ids'), flat('loss_mask'))
   return r.reshape(b, n)
 
 
@@ -92,9 +110,14 @@ def bradley_terry_loss(r_chosen, r_rejected, weight=None) -> jax.Array:
   return (losses * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
-def write_marker(workdir: str, head_init_std: float):
+def write_marker(workdir: str, head_init_std: float, pooling: str = 'last'):
   with open(os.path.join(workdir, REWARD_FILE), 'w') as f:
-    json.dump({'head': 'linear on the last response token', 'head_init_std': head_init_std}, f)
+    json.dump({'head': 'linear', 'pooling': pooling, 'head_init_std': head_init_std}, f)
+
+
+def read_pooling(workdir: str) -> str:
+  with open(os.path.join(workdir, REWARD_FILE)) as f:
+    return json.load(f).get('pooling', 'last')  # Workdirs written before pooling existed: last.
 
 
 def own_head(path, _value) -> bool:
@@ -110,11 +133,12 @@ def _load_lora_reward_model(ckpt, step: int, spec, mesh, rules, config_overrides
   base, _ = checkpoint.load_model(spec.base, mesh=mesh, rules=rules, **config_overrides)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     backbone = lora.apply_lora(base, spec)
-  model = (new_reward_model(backbone, mesh) if mesh is not None
-           else RewardModel(backbone, rngs=nnx.Rngs(0)))
+  pooling = read_pooling(os.path.dirname(ckpt.directory))
+  model = (new_reward_model(backbone, mesh, pooling=pooling) if mesh is not None
+           else RewardModel(backbone, pooling=pooling, rngs=nnx.Rngs(0)))
   trained = nnx.state(model, nnx.Any(nnx.LoRAParam, own_head))
   nnx.update(model, checkpoint.restore_params(ckpt, step, checkpoint.abstract_tree(trained)))
-  merged = RewardModel(lora.merge_lora(model.backbone, spec), rngs=nnx.Rngs(0))
+  merged = RewardModel(lora.merge_lora(model.backbone, spec), pooling=pooling, rngs=nnx.Rngs(0))
   nnx.update(merged.head, nnx.state(model.head))
   return merged
 
@@ -142,7 +166,8 @@ def load_reward_model(workdir: str, *, step: int | None = None, mesh=None, rules
       ckpt.close()
   with nnx.use_eager_sharding(False):  # As models/llama.abstract_model: no mesh to place on.
     abstract = nnx.eval_shape(
-        lambda: RewardModel(Llama(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0)))
+        lambda: RewardModel(Llama(cfg, rngs=nnx.Rngs(0)), pooling=read_pooling(workdir),
+                            rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
@@ -168,21 +193,21 @@ class RewardScorer:
     self.batch_size = batch_size
     graphdef, state = nnx.split(self.model)
     self.state = state
-    self._score = jax.jit(lambda s, tokens, last: reward(
-        nnx.merge(graphdef, s), tokens, None, None, last))
+    self._score = jax.jit(lambda s, tokens, mask: reward(
+        nnx.merge(graphdef, s), tokens, None, None, mask))
 
   def __call__(self, prompts: list[list[int]], completions: list[list[int]], *,
                length: int) -> np.ndarray:
     n, b = len(prompts), self.batch_size
     total = -(-n // b) * b
     tokens = np.zeros((total, length), np.int32)
-    last = np.zeros(total, np.int32)
+    mask = np.zeros((total, length), np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):
       seq = (p + c)[:length + 1]
       tokens[i, :len(seq) - 1] = seq[:-1]
-      # The input position whose target is the last completion token (the end of turn when the
-      # completion finished): the last response token, as in the reward model's training rows.
-      last[i] = len(seq) - 2
-    scores = [jax.device_get(self._score(self.state, tokens[s:s + b], last[s:s + b]))
+      # The targets that are completion tokens, as the loss mask of the reward model's training
+      # rows: the last one is the end of turn when the completion finished.
+      mask[i, len(p) - 1:len(seq) - 1] = 1.0
+    scores = [jax.device_get(self._score(self.state, tokens[s:s + b], mask[s:s + b]))
               for s in range(0, total, b)]
     return np.concatenate(scores)[:n].astype(np.float32)

@@ -9,11 +9,12 @@ from launch import pipeline
 
 def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
   config = pipeline_config.get_config('tiny')
-  config.pretrain.mesh.data = config.sft.mesh.data = config.grpo.mesh.data = 1
+  for stage in ('pretrain', 'sft', 'grpo', 'reward', 'ppo', 'dpo'):
+    config[stage].mesh.data = 1
   config.pretrain.data.max_chars = 200_000
   report = pipeline.run(config, str(tmp_path))
   out = capsys.readouterr().out
-  for stage in ('pretrain', 'sft', 'grpo'):
+  for stage in ('pretrain', 'sft', 'grpo', 'reward', 'ppo', 'dpo'):
     assert os.path.exists(tmp_path / stage / 'metrics.jsonl'), stage
   assert report['pretrain']['final_loss'] < report['pretrain']['first_loss']
   assert report['eval']['perplexity'] < 512  # Below uniform over the tiny vocabulary.
@@ -24,4 +25,11 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
     assert json.load(f)['eval']['perplexity'] == report['eval']['perplexity']
   assert report['grpo']['steps'] == config.grpo.train.steps
   assert 0 <= report['grpo']['accuracy_after'] <= 1
+  assert report['reward']['steps'] == config.reward.train.steps
+  assert 0 <= report['reward']['accuracy'] <= 1
+  for stage in ('ppo', 'dpo'):
+    assert report[stage]['steps'] == config[stage].train.steps
+    assert report[stage]['accuracy_before'] == report['reward']['sft_policy']['accuracy']
+    assert report[stage]['score_after'] != report[stage]['score_before']  # the policy moved
   assert 'held-out perplexity' in out and 'exact-match accuracy' in out and 'grpo' in out
+  assert 'held-out pair accuracy' in out and 'reward-model score' in out

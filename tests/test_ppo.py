@@ -110,6 +110,12 @@ def test_ppo_raises_the_reward_models_score_of_held_out_completions(ppo_run):
   assert step == config.train.steps and model.cfg.vocab_size == result.model.cfg.vocab_size
   items = os.listdir(os.path.join(workdir, 'checkpoints', str(step)))
   assert {'params', 'opt_state', 'critic', 'critic_opt_state'} <= set(items)
+  # eval.reward --policy scores the same held-out answers as the run's last eval.
+  from eval.reward import score_policy
+  scored = score_policy(config.ppo.reward_model, workdir, dtype='float32')
+  assert scored['problems'] == config.eval.num_problems
+  assert scored['score_mean'] == pytest.approx(last['eval_reward_score'], abs=1e-4)
+  assert scored['accuracy'] == pytest.approx(last['eval_accuracy'])
 
 
 def test_a_resumed_run_with_critic_and_adaptive_kl_equals_an_uninterrupted_one(

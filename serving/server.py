@@ -7,7 +7,9 @@ Then any OpenAI client works: `openai.OpenAI(base_url='http://127.0.0.1:8000/v1'
 api_key=KEY or 'none').completions.create(model=NAME, prompt='...')`, where NAME is the workdir's
 directory name unless --model_name says otherwise. Before it serves, the server compiles every
 prompt-length bucket and decode step (logging how long; /health answers 503 meanwhile), so the
-first request runs at steady-state speed. SIGTERM or Ctrl-C stops the server.
+first request runs at steady-state speed. SIGTERM or Ctrl-C drains the server: it stops accepting
+connections, answers /health 503 (so a load balancer or Kubernetes stops routing to it), lets the
+requests in flight finish for up to --drain_seconds, then exits.
 """
 import asyncio
 import logging
@@ -34,11 +36,13 @@ _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'KV-cache length per slot (prompt 
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Requests waiting beyond the slots before 503.')
 _MODEL_NAME = flags.DEFINE_string('model_name', '', 'Model id in the API (default: workdir name).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+_DRAIN = flags.DEFINE_float('drain_seconds', 30.0, 'On SIGTERM, how long requests in flight may '
+                            'take to finish before the server exits.')
 _DTYPE = entry.define_dtype_flag()
 
 
 async def serve(engine: Engine, *, host: str, port: int, grpc_port: int, model_name: str,
-                api_key: str, max_queue: int):
+                api_key: str, max_queue: int, drain_seconds: float = 30.0):
   driver = Driver(engine)  # Built inside the loop: its request channels belong to this loop.
   api = OpenAIServer(engine, driver, model_name=model_name, api_key=api_key, max_queue=max_queue)
   api.ready = False  # /health answers 503 until every shape is compiled.
@@ -55,7 +59,18 @@ async def serve(engine: Engine, *, host: str, port: int, grpc_port: int, model_n
         + (f' and gRPC {host}:{grpc_port}' if grpc_port else '')
         + f' (warm-up took {seconds:.1f} s)', flush=True)
   await stop.wait()
-  http.close()
+  http.close()  # No new connections; the open ones finish their requests.
+  api.draining = True  # /health 503: routing to this server stops.
+  loop = asyncio.get_running_loop()
+  deadline = loop.time() + drain_seconds
+  if api.inflight:
+    print(f'draining: {len(api.inflight)} requests in flight (up to {drain_seconds:g} s)',
+          flush=True)
+  while api.inflight and loop.time() < deadline:
+    await asyncio.sleep(0.05)
+  if api.inflight:
+    print(f'stopping with {len(api.inflight)} requests unfinished after {drain_seconds:g} s',
+          flush=True)
   # The driver stops while the loop still runs (its threads post to channels on this loop).
   if grpc_server is not None:
     grpc_server.stop()  # Stops the driver too.
@@ -90,7 +105,8 @@ def main(argv):
         f'tokens, prompts up to {max_prefill}', flush=True)
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value))
   asyncio.run(serve(engine, host=_HOST.value, port=_PORT.value, grpc_port=_GRPC_PORT.value,
-                    model_name=name, api_key=_API_KEY.value, max_queue=_MAX_QUEUE.value))
+                    model_name=name, api_key=_API_KEY.value, max_queue=_MAX_QUEUE.value,
+                    drain_seconds=_DRAIN.value))
 
 
 if __name__ == '__main__':

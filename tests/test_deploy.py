@@ -117,6 +117,8 @@ def test_probes_scraping_and_autoscaling_match_the_server():
   assert f'\n{metric} ' in exported
   rules = yaml.safe_load(docs['ConfigMap']['data']['config.yaml'])['rules']
   assert metric in [r['name']['as'] for r in rules]
+  from serving import server  # The grace period outlasts the server's drain on SIGTERM.
+  assert pod['spec']['terminationGracePeriodSeconds'] > server._DRAIN.default
   volume = pod['spec']['volumes'][0]['persistentVolumeClaim']['claimName']
   assert volume == docs['PersistentVolumeClaim']['metadata']['name']
 

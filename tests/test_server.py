@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -256,3 +257,26 @@ def test_cpu_sizing_when_the_flags_leave_it_to_the_server():
   assert server_sizing(0, 0, 8192) == (4, 1024)  # A CPU: 4 slots of 1024 tokens.
   assert server_sizing(0, 0, 512) == (4, 512)  # Never beyond the model's max_seq_len.
   assert server_sizing(2, 4096, 512) == (2, 512)
+
+
+def test_sigterm_drains_the_requests_in_flight_then_exits(server):
+  # Last of the module's server tests: it stops the shared server.
+  port, proc = server['port'], server['proc']
+  stream = _open_stream(port, 100)
+  received = b''
+  while b'data:' not in received:
+    received += stream.recv(4096)
+  proc.send_signal(signal.SIGTERM)
+  deadline = time.time() + 60
+  while b'data: [DONE]' not in received and time.time() < deadline:
+    chunk = stream.recv(4096)
+    if not chunk:
+      break
+    received += chunk
+  stream.close()
+  compact = received.replace(b' ', b'')
+  assert b'data:[DONE]' in compact, received[-400:]
+  assert b'"finish_reason":"length"' in compact or b'"finish_reason":"stop"' in compact
+  assert proc.wait(30) == 0
+  rest = proc.stdout.read()
+  assert 'draining: 1 requests in flight' in rest and 'unfinished' not in rest, rest

@@ -32,6 +32,7 @@ from models.llama import Llama, init_cache
 from models.sharding import logical_to_mesh
 
 MIN_BUCKET = 16
+TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (OpenAI's limit).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,10 @@ class Engine:
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
     self._insert = jax.jit(_insert, donate_argnums=1)
     self._first_token = jax.jit(_first_token)
+    self._score = jax.jit(functools.partial(_score, self.graphdef))
+    # Lengths prompt_logprobs pads to: powers of two up to the whole cache.
+    self.score_buckets = [b for b in prefill_buckets(1 << (self.max_len - 1).bit_length())
+                          if b // 2 < self.max_len]
     # One compiled step per decode path (MODES): all slots greedy (the common serving and eval
     # case), some sampling, some with top-k / top-p (the vocabulary sort). The host knows which
     # from the requests it inserted.
@@ -245,6 +250,23 @@ class Engine:
     self._slot_modes.pop(0, None)
     return time.perf_counter() - start
 
+  def prompt_logprobs(self, tokens, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The untempered model's log-prob of each token given the ones before it, for tokens[1:]
+    (the first token has none), and at each of those positions the TOP_LOGPROBS likeliest tokens
+    and their log-probs: ([n-1], [n-1, k] ids, [n-1, k]). One forward pass, padded to a
+    power-of-two bucket: what echo and top_logprobs report. Not part of warmup (it would add a
+    forward pass of every length up to max_len to the server's start): the first call of each
+    bucket compiles."""
+    n = len(tokens)
+    if not 1 <= n <= self.max_len:
+      raise ValueError(f'{n} tokens to score; this engine takes 1 to {self.max_len}')
+    bucket = next(b for b in self.score_buckets if b >= n)
+    padded = np.zeros((bucket,), np.int32)
+    padded[:n] = tokens
+    logp, top_ids, top_logp = jax.device_get(
+        self._score(self.params if params is None else params, padded))
+    return logp[:n - 1], top_ids[:n - 1], top_logp[:n - 1]
+
   def get_prefix_destination_sharding(self):
     return None  # Prefill and generate share devices: the prefix stays where it is.
 
@@ -324,6 +346,14 @@ def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top
   last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=False)
   prefix = {'cache': cache, 'logits': last, 'pos': true_length}
   return _first_token(prefix, key, temperature, top_k, top_p)
+
+
+def _score(graphdef, params, tokens):
+  """Log-probs of tokens[1:] and the TOP_LOGPROBS likeliest next tokens at every position."""
+  logits = nnx.merge(graphdef, params)(tokens[None])[0, :-1].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+  return jnp.take_along_axis(logp, tokens[1:, None], axis=-1)[:, 0], top_ids, top_logp
 
 
 def _first_token(prefix, key, temperature, top_k, top_p):

@@ -24,7 +24,7 @@ from collections import deque
 import prometheus_client as prom
 from jetstream.core.utils.async_multifuture import AsyncMultifuture
 
-from serving.engine import SamplingParams
+from serving.engine import TOP_LOGPROBS, SamplingParams
 from serving.jetstream_compat import Driver, Request
 
 MAX_BODY = 1 << 20
@@ -150,7 +150,10 @@ class OpenAIServer:
     stream = _Stream(self, writer, chat, args) if args['stream'] else None
     tokens, logprobs, finish = [], [], 'length'
     try:
-      self.driver.place_request_on_prefill_queue(request)
+      if args['max_tokens'] == 0:  # echo only: nothing to generate
+        channel.close()
+      else:
+        self.driver.place_request_on_prefill_queue(request)
       if stream:
         await stream.start()
       while True:
@@ -178,8 +181,10 @@ class OpenAIServer:
         await stream.send(text, tokens, logprobs, final=True, finish=finish)
         await stream.done()
       else:
-        await _send_json(writer, 200, self._body(chat, text, tokens, logprobs, finish, len(ids),
-                                                 args))
+        body = self._body(chat, text, tokens, logprobs, finish, len(ids), args)
+        if args['echo'] or args['top_logprobs']:
+          await self._add_scores(body['choices'][0], chat, ids, tokens, logprobs, text, args)
+        await _send_json(writer, 200, body)
       self.metrics.requests.labels('200').inc()
     except _ClientGone:
       self.metrics.requests.labels('disconnected').inc()
@@ -199,16 +204,22 @@ class OpenAIServer:
       ids, stop_ids = self._chat_prompt(body.get('messages'))
     else:
       ids = self._text_prompt(body.get('prompt'))
-    for key, allowed in (('n', 1), ('echo', False), ('best_of', 1)):
+    for key, allowed in (('n', 1), ('best_of', 1)):
       if body.get(key, allowed) not in (allowed, None):
         raise HttpError(400, f'{key}={body[key]!r} is not supported (only {allowed})', key)
+    echo = body.get('echo', False)
+    if echo not in (True, False, None) or (chat and echo):
+      raise HttpError(400, f'echo={echo!r}: ' + ('chat completions have no echo' if chat else
+                                                  'expected true or false'), 'echo')
+    echo = bool(echo)
     room = self.engine.max_len - len(ids)
     max_tokens = body.get('max_completion_tokens', body.get('max_tokens'))
     if max_tokens is None:
       max_tokens = min(room, 256) if chat else 16
-    if not _is_int(max_tokens) or max_tokens <= 0:
-      raise HttpError(400, f'max_tokens must be a positive integer, got {max_tokens!r}',
-                      'max_tokens')
+    # max_tokens=0 with echo scores the prompt alone (lm-evaluation-harness's log-likelihood).
+    if not _is_int(max_tokens) or max_tokens < (0 if echo else 1):
+      raise HttpError(400, f'max_tokens must be a {"non-negative" if echo else "positive"} '
+                      f'integer, got {max_tokens!r}', 'max_tokens')
     if max_tokens > room:
       raise HttpError(400, f'this model\'s maximum context length is {self.engine.max_len} '
                       f'tokens; the prompt has {len(ids)} and max_tokens is {max_tokens}',
@@ -235,9 +246,19 @@ class OpenAIServer:
     if logprobs not in (None, False, True) and not (_is_int(logprobs) and 0 <= logprobs <= 5):
       raise HttpError(400, f'logprobs must be {"a boolean" if chat else "null or 0..5"}, got '
                       f'{logprobs!r}', 'logprobs')
+    # Alternatives per token: completions' integer logprobs, chat's top_logprobs.
+    top = body.get('top_logprobs') if chat else (logprobs if _is_int(logprobs) else 0)
+    if top is None:
+      top = 0
+    if not _is_int(top) or not 0 <= top <= TOP_LOGPROBS or (chat and top and logprobs is not True):
+      raise HttpError(400, f'top_logprobs must be an integer in 0..{TOP_LOGPROBS}, with logprobs '
+                      f'true, got {top!r}', 'top_logprobs')
+    if stream and (echo or top):
+      raise HttpError(400, 'echo and top_logprobs are served without streaming: set stream '
+                      'false', 'echo' if echo else 'top_logprobs')
     return ids, {'max_tokens': max_tokens, 'stop': stop, 'stop_ids': stop_ids, 'stream': stream,
-                 'logprobs': logprobs is True or _is_int(logprobs),
-                 'sampling': SamplingParams(temperature, top_k, top_p, seed)}
+                 'logprobs': logprobs is True or _is_int(logprobs), 'top_logprobs': top,
+                 'echo': echo, 'sampling': SamplingParams(temperature, top_k, top_p, seed)}
 
   def _text_prompt(self, prompt) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -273,6 +294,39 @@ class OpenAIServer:
       raise HttpError(400, f'the prompt has {len(ids)} tokens; this server takes at most '
                       f'{self.engine.max_prefill_length}', param)
     return ids
+
+  async def _add_scores(self, choice, chat, ids, tokens, logprobs, text, args):
+    """echo (the prompt's text, tokens and log-probs before the completion's) and top_logprobs,
+    from one forward pass over prompt + completion (Engine.prompt_logprobs: the untempered
+    model, as the completion's own log-probs are)."""
+    logp, top_ids, top_logp = await asyncio.to_thread(self.engine.prompt_logprobs, ids + tokens)
+    k = args['top_logprobs']
+    pairs = lambda i: [(self.tok.decode([int(t)]), float(v))
+                       for t, v in zip(top_ids[i, :k], top_logp[i, :k])]
+    if chat:  # top_logprobs only (no echo in chat): a list, so equal-looking tokens all appear
+      for i, entry in enumerate(choice['logprobs']['content']):
+        entry['top_logprobs'] = [{'token': t, 'logprob': v, 'bytes': list(t.encode())}
+                                 for t, v in pairs(len(ids) - 1 + i)]
+      return
+
+    def top(i):  # Completions' dict: of tokens that decode alike, the likeliest is kept.
+      out = {}
+      for t, v in pairs(i):
+        out.setdefault(t, v)
+      return out
+    completion_top = [top(len(ids) - 1 + i) for i in range(len(tokens))]
+    if not args['echo']:
+      if choice['logprobs'] is not None:
+        choice['logprobs']['top_logprobs'] = completion_top
+      return
+    all_tokens = ids + tokens
+    all_logprobs = [None] + [float(v) for v in logp[:len(ids) - 1]] + list(logprobs)
+    choice['text'] = self.tok.decode(ids) + text
+    if args['logprobs']:
+      lp = _logprobs(self.tok, False, all_tokens, all_logprobs)
+      if k:
+        lp['top_logprobs'] = [None] + [top(i) for i in range(len(ids) - 1)] + completion_top
+      choice['logprobs'] = lp
 
   def _body(self, chat, text, tokens, logprobs, finish, n_prompt, args):
     lp = _logprobs(self.tok, chat, tokens, logprobs) if args['logprobs'] else None

@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
+import numpy as np
 import openai
 import portpicker
 import pytest
 from flax import nnx
 
-from data.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 from models import checkpoint, llama, presets
 from serving import offline
 from serving.engine import Engine
@@ -140,6 +142,44 @@ def test_logprobs_are_returned_per_token(client):
   lp = got.choices[0].logprobs
   assert len(lp.token_logprobs) == got.usage.completion_tokens
   assert all(x <= 0 for x in lp.token_logprobs)
+
+
+def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(client, workdir):
+  # local-completions' log-likelihood request: token ids, echo, logprobs=1, max_tokens 0 or 1.
+  from models.losses import token_logprobs
+  model, _ = checkpoint.load_model(workdir, dtype='float32')
+  tok = load_tokenizer(workdir)
+  ids = tok.encode_prompt('In the beginning God created')
+  scored = client.completions.create(model='tiny', prompt=ids, max_tokens=0, echo=True,
+                                     logprobs=1, temperature=0)
+  lp = scored.choices[0].logprobs
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  assert len(lp.token_logprobs) == len(ids) and scored.usage.completion_tokens == 0
+  want, _ = token_logprobs(model, jnp.asarray([ids[:-1]]), jnp.asarray([ids[1:]]))
+  np.testing.assert_allclose(lp.token_logprobs[1:], np.asarray(want[0]), atol=2e-4)
+  for logp, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+    assert len(top) == 1 and max(top.values()) >= logp - 1e-6  # the likeliest token's
+  assert scored.choices[0].text == tok.decode(ids)
+  # With a completion: the prompt's entries, then exactly the non-echo request's.
+  plain = client.completions.create(model='tiny', prompt=ids, max_tokens=3, temperature=0,
+                                    logprobs=2)
+  echoed = client.completions.create(model='tiny', prompt=ids, max_tokens=3, temperature=0,
+                                     logprobs=2, echo=True)
+  e, p = echoed.choices[0].logprobs, plain.choices[0].logprobs
+  assert echoed.choices[0].text == tok.decode(ids) + plain.choices[0].text
+  n = plain.usage.completion_tokens
+  assert e.token_logprobs[len(ids):] == p.token_logprobs and len(e.tokens) == len(ids) + n
+  for top, logp in zip(p.top_logprobs, p.token_logprobs):  # greedy: the sampled token is the top
+    assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(logp, abs=2e-4)
+  chat = client.chat.completions.create(model='tiny', max_tokens=3, temperature=0, logprobs=True,
+                                        top_logprobs=3, messages=[{'role': 'user', 'content': 'hi'}])
+  for entry in chat.choices[0].logprobs.content:
+    assert len(entry.top_logprobs) == 3
+    assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=2e-4)
+  with pytest.raises(openai.BadRequestError, match='stream'):
+    client.completions.create(model='tiny', prompt='x', max_tokens=2, echo=True, stream=True)
+  with pytest.raises(openai.BadRequestError, match='max_tokens'):
+    client.completions.create(model='tiny', prompt='x', max_tokens=0)
 
 
 def test_concurrent_requests_complete_with_the_right_lengths(client, reference):

@@ -3,7 +3,6 @@ commands it documents, and every manifest, with the GPU and TPU patches applied 
 applies them, validates against the Kubernetes schemas offline; the probes, scrape annotations
 and the autoscaler's metric agree with what the server really serves."""
 import copy
-import glob
 import json
 import os
 import shutil

@@ -179,7 +179,7 @@ class OpenAIServer:
       text, _ = _cut(self.tok.decode(tokens), args['stop'])
       if stream:
         await stream.send(text, tokens, logprobs, final=True, finish=finish)
-        await stream.done()
+        await stream.done(_usage(len(ids), len(tokens)))
       else:
         body = self._body(chat, text, tokens, logprobs, finish, len(ids), args)
         if args['echo'] or args['top_logprobs']:
@@ -253,12 +253,19 @@ class OpenAIServer:
     if not _is_int(top) or not 0 <= top <= TOP_LOGPROBS or (chat and top and logprobs is not True):
       raise HttpError(400, f'top_logprobs must be an integer in 0..{TOP_LOGPROBS}, with logprobs '
                       f'true, got {top!r}', 'top_logprobs')
+    options = body.get('stream_options')
+    if options is not None and (not stream or not isinstance(options, dict) or
+                                set(options) - {'include_usage'} or
+                                options.get('include_usage', False) not in (True, False)):
+      raise HttpError(400, 'stream_options must be {"include_usage": true|false}, with stream true',
+                      'stream_options')
     if stream and (echo or top):
       raise HttpError(400, 'echo and top_logprobs are served without streaming: set stream '
                       'false', 'echo' if echo else 'top_logprobs')
     return ids, {'max_tokens': max_tokens, 'stop': stop, 'stop_ids': stop_ids, 'stream': stream,
                  'logprobs': logprobs is True or _is_int(logprobs), 'top_logprobs': top,
-                 'echo': echo, 'sampling': SamplingParams(temperature, top_k, top_p, seed)}
+                 'echo': echo, 'include_usage': bool(options and options.get('include_usage')),
+                 'sampling': SamplingParams(temperature, top_k, top_p, seed)}
 
   def _text_prompt(self, prompt) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -336,8 +343,7 @@ class OpenAIServer:
     return {'id': f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}',
             'object': 'chat.completion' if chat else 'text_completion',
             'created': int(time.time()), 'model': self.model_name, 'choices': [choice],
-            'usage': {'prompt_tokens': n_prompt, 'completion_tokens': len(tokens),
-                      'total_tokens': n_prompt + len(tokens)}}
+            'usage': _usage(n_prompt, len(tokens))}
 
 
 class _Stream:
@@ -377,9 +383,19 @@ class _Stream:
     self.writer.write(f'data: {json.dumps(chunk)}\n\n'.encode())
     await self.writer.drain()
 
-  async def done(self):
+  async def done(self, usage: dict):
+    if self.args['include_usage']:  # OpenAI's last chunk: no choices, the request's usage.
+      chunk = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else
+               'text_completion', 'created': int(time.time()), 'model': self.server.model_name,
+               'choices': [], 'usage': usage}
+      self.writer.write(f'data: {json.dumps(chunk)}\n\n'.encode())
     self.writer.write(b'data: [DONE]\n\n')
     await self.writer.drain()
+
+
+def _usage(n_prompt: int, n_completion: int) -> dict:
+  return {'prompt_tokens': n_prompt, 'completion_tokens': n_completion,
+          'total_tokens': n_prompt + n_completion}
 
 
 def _logprobs(tok, chat, tokens, logprobs):

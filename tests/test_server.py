@@ -134,6 +134,13 @@ def test_openai_client_greedy_streaming_and_not(client, reference, workdir):
                                           messages=[{'role': 'user', 'content': 'hi'}], stream=True)
   streamed = ''.join(c.choices[0].delta.content or '' for c in pieces)
   assert streamed == chat.choices[0].message.content
+  # stream_options.include_usage: a last chunk without choices carries the usage.
+  chunks = list(client.chat.completions.create(
+      model='tiny', max_tokens=5, temperature=0.7, seed=1, stream=True,
+      stream_options={'include_usage': True}, messages=[{'role': 'user', 'content': 'hi'}]))
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+      chat.usage.completion_tokens and chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
+  assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_logprobs_are_returned_per_token(client):

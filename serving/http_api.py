@@ -12,6 +12,7 @@ thread kills the process. A client that disconnects, or a stop string, cancels i
 which frees its decode slot at the next step. Requests beyond the slots plus `max_queue` get 503.
 """
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -137,62 +138,77 @@ class OpenAIServer:
 
   async def _complete(self, body: dict, chat: bool, reader, writer):
     ids, args = self._validate(body, chat)
-    if len(self.inflight) >= self.capacity:
-      raise HttpError(503, f'the server is at capacity ({len(self.inflight)} requests in flight); '
-                      'retry later')
-    channel = AsyncMultifuture()
-    request = Request(max_tokens=args['max_tokens'], return_channel=channel, prefill_content=ids,
-                      is_client_side_tokenization=True, sampling=args['sampling'],
-                      stop_ids=args['stop_ids'])
-    self.inflight[id(request)] = request
-    arrived = last = time.monotonic()
+    n = args['n']
+    if len(self.inflight) + n > self.capacity:
+      raise HttpError(503, f'the server is at capacity ({len(self.inflight)} requests in flight'
+                      f'{f", this one asks for {n}" if n > 1 else ""}); retry later')
+    # Choice i samples with seed + i: n samples of one seed differ, and a rerun repeats them.
+    requests = [Request(max_tokens=args['max_tokens'], return_channel=AsyncMultifuture(),
+                        prefill_content=ids, is_client_side_tokenization=True,
+                        sampling=dataclasses.replace(args['sampling'],
+                                                     seed=(args['sampling'].seed + i) % (1 << 31)),
+                        stop_ids=args['stop_ids']) for i in range(n)]
+    for request in requests:
+      self.inflight[id(request)] = request
     gone = asyncio.ensure_future(reader.read(1))  # b'' once the client closes the connection
     stream = _Stream(self, writer, chat, args) if args['stream'] else None
-    tokens, logprobs, finish = [], [], 'length'
     try:
-      if args['max_tokens'] == 0:  # echo only: nothing to generate
-        channel.close()
-      else:
-        self.driver.place_request_on_prefill_queue(request)
       if stream:
         await stream.start()
-      while True:
-        try:
-          ids_, lps = await _next(channel, gone)
-        except StopAsyncIteration:
-          break
-        now = time.monotonic()
-        (self.metrics.itl if tokens else self.metrics.ttft).observe(now - (last if tokens
-                                                                            else arrived))
-        last = now
-        tokens += ids_
-        logprobs += lps
-        self.metrics.add_tokens(len(ids_))
-        text, hit = _cut(self.tok.decode(tokens), args['stop'])
-        if hit:
-          request.cancelled, finish = True, 'stop'
-          break
-        if stream:
-          await stream.send(text, tokens, logprobs, final=False)
-      if finish != 'stop' and len(tokens) < args['max_tokens']:
-        finish = 'stop'  # The channel closed early: EOS or a stop token.
-      text, _ = _cut(self.tok.decode(tokens), args['stop'])
+      choices = await asyncio.gather(*(self._choice(i, r, args, stream, gone)
+                                       for i, r in enumerate(requests)))
+      completion_tokens = sum(len(tokens) for _, tokens, _, _ in choices)
       if stream:
-        await stream.send(text, tokens, logprobs, final=True, finish=finish)
-        await stream.done(_usage(len(ids), len(tokens)))
+        await stream.done(_usage(len(ids), completion_tokens))
       else:
-        body = self._body(chat, text, tokens, logprobs, finish, len(ids), args)
+        body = self._body(chat, choices, len(ids), args)
         if args['echo'] or args['top_logprobs']:
-          await self._add_scores(body['choices'][0], chat, ids, tokens, logprobs, text, args)
+          for choice, (text, tokens, logprobs, _) in zip(body['choices'], choices):
+            await self._add_scores(choice, chat, ids, tokens, logprobs, text, args)
         await _send_json(writer, 200, body)
       self.metrics.requests.labels('200').inc()
     except _ClientGone:
       self.metrics.requests.labels('disconnected').inc()
       raise
     finally:
-      request.cancelled = True  # No-op after a normal end; frees the slot otherwise.
-      del self.inflight[id(request)]
+      for request in requests:
+        request.cancelled = True  # No-op after a normal end; frees the slot otherwise.
+        del self.inflight[id(request)]
       gone.cancel()
+
+  async def _choice(self, index: int, request, args, stream, gone):
+    """One of the n completions: (text, tokens, logprobs, finish_reason), streamed as it comes."""
+    channel = request.return_channel
+    arrived = last = time.monotonic()
+    tokens, logprobs, finish = [], [], 'length'
+    if args['max_tokens'] == 0:  # echo only: nothing to generate
+      channel.close()
+    else:
+      self.driver.place_request_on_prefill_queue(request)
+    while True:
+      try:
+        ids_, lps = await _next(channel, gone)
+      except StopAsyncIteration:
+        break
+      now = time.monotonic()
+      (self.metrics.itl if tokens else self.metrics.ttft).observe(now - (last if tokens
+                                                                          else arrived))
+      last = now
+      tokens += ids_
+      logprobs += lps
+      self.metrics.add_tokens(len(ids_))
+      text, hit = _cut(self.tok.decode(tokens), args['stop'])
+      if hit:
+        request.cancelled, finish = True, 'stop'
+        break
+      if stream:
+        await stream.send(index, text, tokens, logprobs, final=False)
+    if finish != 'stop' and len(tokens) < args['max_tokens']:
+      finish = 'stop'  # The channel closed early: EOS or a stop token.
+    text, _ = _cut(self.tok.decode(tokens), args['stop'])
+    if stream:
+      await stream.send(index, text, tokens, logprobs, final=True, finish=finish)
+    return text, tokens, logprobs, finish
 
   def _validate(self, body: dict, chat: bool):
     model = body.get('model')
@@ -204,9 +220,13 @@ class OpenAIServer:
       ids, stop_ids = self._chat_prompt(body.get('messages'))
     else:
       ids = self._text_prompt(body.get('prompt'))
-    for key, allowed in (('n', 1), ('best_of', 1)):
-      if body.get(key, allowed) not in (allowed, None):
-        raise HttpError(400, f'{key}={body[key]!r} is not supported (only {allowed})', key)
+    if body.get('best_of', 1) not in (1, None):
+      raise HttpError(400, f'best_of={body["best_of"]!r} is not supported (only 1)', 'best_of')
+    n = body.get('n', 1)
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= self.engine.max_concurrent_decodes:
+      raise HttpError(400, f'n must be an integer in 1..{self.engine.max_concurrent_decodes} (the '
+                      f'decode slots), got {n!r}', 'n')
     echo = body.get('echo', False)
     if echo not in (True, False, None) or (chat and echo):
       raise HttpError(400, f'echo={echo!r}: ' + ('chat completions have no echo' if chat else
@@ -262,7 +282,7 @@ class OpenAIServer:
     if stream and (echo or top):
       raise HttpError(400, 'echo and top_logprobs are served without streaming: set stream '
                       'false', 'echo' if echo else 'top_logprobs')
-    return ids, {'max_tokens': max_tokens, 'stop': stop, 'stop_ids': stop_ids, 'stream': stream,
+    return ids, {'n': n, 'max_tokens': max_tokens, 'stop': stop, 'stop_ids': stop_ids, 'stream': stream,
                  'logprobs': logprobs is True or _is_int(logprobs), 'top_logprobs': top,
                  'echo': echo, 'include_usage': bool(options and options.get('include_usage')),
                  'sampling': SamplingParams(temperature, top_k, top_p, seed)}
@@ -335,15 +355,17 @@ class OpenAIServer:
         lp['top_logprobs'] = [None] + [top(i) for i in range(len(ids) - 1)] + completion_top
       choice['logprobs'] = lp
 
-  def _body(self, chat, text, tokens, logprobs, finish, n_prompt, args):
-    lp = _logprobs(self.tok, chat, tokens, logprobs) if args['logprobs'] else None
-    choice = ({'index': 0, 'message': {'role': 'assistant', 'content': text}, 'logprobs': lp,
-               'finish_reason': finish} if chat else
-              {'index': 0, 'text': text, 'logprobs': lp, 'finish_reason': finish})
+  def _body(self, chat, choices, n_prompt, args):
+    out = []
+    for index, (text, tokens, logprobs, finish) in enumerate(choices):
+      lp = _logprobs(self.tok, chat, tokens, logprobs) if args['logprobs'] else None
+      out.append({'index': index, 'message': {'role': 'assistant', 'content': text},
+                  'logprobs': lp, 'finish_reason': finish} if chat else
+                 {'index': index, 'text': text, 'logprobs': lp, 'finish_reason': finish})
     return {'id': f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}',
             'object': 'chat.completion' if chat else 'text_completion',
-            'created': int(time.time()), 'model': self.model_name, 'choices': [choice],
-            'usage': _usage(n_prompt, len(tokens))}
+            'created': int(time.time()), 'model': self.model_name, 'choices': out,
+            'usage': _usage(n_prompt, sum(len(c[1]) for c in choices))}
 
 
 class _Stream:
@@ -353,31 +375,32 @@ class _Stream:
   def __init__(self, server: OpenAIServer, writer, chat: bool, args):
     self.server, self.writer, self.chat, self.args = server, writer, chat, args
     self.id = f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}'
-    self.sent_text, self.sent_tokens = '', 0
+    self.sent_text, self.sent_tokens = [''] * args['n'], [0] * args['n']  # per choice
     self.holdback = max(map(len, args['stop']), default=1) - 1
 
   async def start(self):
     self.writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n'
                       b'Cache-Control: no-cache\r\nConnection: close\r\n\r\n')
     if self.chat:
-      await self._event({'role': 'assistant', 'content': ''}, None, None)
+      for index in range(self.args['n']):
+        await self._event(index, {'role': 'assistant', 'content': ''}, None, None)
 
-  async def send(self, text, tokens, logprobs, final, finish=None):
+  async def send(self, index, text, tokens, logprobs, final, finish=None):
     ready = text if final else text[:len(text) - self.holdback].rstrip('\ufffd')
-    if len(ready) <= len(self.sent_text) and not final:
+    sent_text, sent_tokens = self.sent_text[index], self.sent_tokens[index]
+    if len(ready) <= len(sent_text) and not final:
       return
-    delta = ready[len(self.sent_text):]
+    delta = ready[len(sent_text):]
     lp = None
     if self.args['logprobs']:
-      lp = _logprobs(self.server.tok, self.chat, tokens[self.sent_tokens:],
-                     logprobs[self.sent_tokens:])
-    self.sent_text, self.sent_tokens = ready, len(tokens)
-    await self._event({'content': delta} if self.chat else delta, lp, finish)
+      lp = _logprobs(self.server.tok, self.chat, tokens[sent_tokens:], logprobs[sent_tokens:])
+    self.sent_text[index], self.sent_tokens[index] = ready, len(tokens)
+    await self._event(index, {'content': delta} if self.chat else delta, lp, finish)
 
-  async def _event(self, delta, logprobs, finish):
-    choice = ({'index': 0, 'delta': delta, 'logprobs': logprobs, 'finish_reason': finish}
+  async def _event(self, index, delta, logprobs, finish):
+    choice = ({'index': index, 'delta': delta, 'logprobs': logprobs, 'finish_reason': finish}
               if self.chat else
-              {'index': 0, 'text': delta, 'logprobs': logprobs, 'finish_reason': finish})
+              {'index': index, 'text': delta, 'logprobs': logprobs, 'finish_reason': finish})
     chunk = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else 'text_completion',
              'created': int(time.time()), 'model': self.server.model_name, 'choices': [choice]}
     self.writer.write(f'data: {json.dumps(chunk)}\n\n'.encode())

@@ -189,6 +189,24 @@ def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(client, workdir):
     client.completions.create(model='tiny', prompt='x', max_tokens=0)
 
 
+def test_n_choices_sample_with_consecutive_seeds_streamed_or_not(client):
+  ask = lambda **kw: client.completions.create(model='tiny', prompt='And God said', max_tokens=8,
+                                               temperature=1.0, **kw)
+  both = ask(n=2, seed=7)
+  assert [c.index for c in both.choices] == [0, 1]
+  # Choice i draws with seed + i, so it is the single request of that seed.
+  assert [c.text for c in both.choices] == [ask(seed=7).choices[0].text,
+                                            ask(seed=8).choices[0].text]
+  assert both.usage.completion_tokens == sum(
+      len(c) for c in (ask(seed=7, logprobs=0).choices[0].logprobs.tokens,
+                       ask(seed=8, logprobs=0).choices[0].logprobs.tokens))
+  texts = ['', '']
+  for chunk in ask(n=2, seed=7, stream=True):
+    for c in chunk.choices:
+      texts[c.index] += c.text
+  assert texts == [c.text for c in both.choices]
+
+
 def test_concurrent_requests_complete_with_the_right_lengths(client, reference):
   lengths = [12, 3, 9, 1, 7, 12]  # 6 requests over 2 slots (+2 queued: some retry on 503)
 
@@ -218,7 +236,9 @@ def test_concurrent_requests_complete_with_the_right_lengths(client, reference):
     ({'model': 'tiny', 'prompt': [1] * 65}, 400, 'at most 64'),
     ({'model': 'tiny', 'prompt': [1] * 60, 'max_tokens': 100}, 400, 'maximum context length'),
     ({'model': 'tiny', 'prompt': ''}, 400, 'prompt'),
-    ({'model': 'tiny', 'prompt': 'x', 'n': 2}, 400, 'n=2'),
+    ({'model': 'tiny', 'prompt': 'x', 'n': 3}, 400, 'n must be an integer in 1..2'),
+    ({'model': 'tiny', 'prompt': 'x', 'stream_options': {'include_usage': True}}, 400,
+     'stream_options'),
     ({'model': 'tiny', 'messages': 'hi'}, 400, 'messages'),
 ])
 def test_bad_input_gets_4xx_and_the_server_keeps_answering(server, body, status, words):

@@ -211,15 +211,21 @@ def _preference_stages(config, workdir: str, sft_dir: str,
       cfg.ppo.reward_model = cfg.ppo.reward_model or rm_dir
     else:  # On-policy pairs of the SFT model, made once (a rerun reuses the file).
       pairs_path = os.path.join(workdir, 'dpo_pairs.jsonl')
-      if not os.path.exists(pairs_path):
+      summary_path = os.path.join(workdir, 'dpo_pairs.json')
+      if not (os.path.exists(pairs_path) and os.path.exists(summary_path)):
         made = make_pairs(sft_dir, out=pairs_path, k=config.onpolicy.k,
                           num_prompts=config.onpolicy.num_prompts)
-        report['dpo_pairs'] = made
-        rows.append(('dpo', 'on-policy pairs', f'{made["pairs"]} of {made["prompts"]} prompts x '
-                                               f'{made["samples_per_prompt"]} samples (score '
-                                               f'{made["chosen_score_mean"]:.2f} vs '
-                                               f'{made["rejected_score_mean"]:.2f}), '
-                                               f'{time.time() - t0:.0f} s'))
+        made['seconds'] = time.time() - t0
+        with open(summary_path, 'w') as f:
+          json.dump(made, f, indent=2)
+      with open(summary_path) as f:
+        made = json.load(f)
+      report['dpo_pairs'] = made
+      rows.append(('dpo', 'on-policy pairs', f'{made["pairs"]} of {made["prompts"]} prompts x '
+                                             f'{made["samples_per_prompt"]} samples (score '
+                                             f'{made["chosen_score_mean"]:.2f} vs '
+                                             f'{made["rejected_score_mean"]:.2f}), '
+                                             f'{made["seconds"]:.0f} s'))
       cfg.data.source = pairs_path
     result = module.run(cfg, stage_dir)
     if not result.completed:

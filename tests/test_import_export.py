@@ -342,3 +342,20 @@ def test_stages_started_from_an_import_keep_its_architecture(tmp_path):
   with pytest.raises(ValueError, match='model.d_model=64'):
     common.model_config(tiny_config(**{'init_from': str(tmp_path / 'run'),
                                        'model.d_model': 64}), VOCAB)
+
+
+def test_the_servers_chat_route_renders_smollm2s_own_template(smollm2):
+  # /v1/chat/completions turns messages into exactly the prompt the checkpoint's own chat template
+  # gives (SmolLM2's ChatML with its default system turn), and stops at its end-of-turn token.
+  import types
+  from serving.http_api import OpenAIServer
+  tok = load_tokenizer(smollm2)
+  engine = types.SimpleNamespace(tokenizer=tok, max_concurrent_decodes=1, max_prefill_length=512,
+                                 max_len=1024)
+  server = OpenAIServer(engine, None, model_name='smollm2')
+  messages = [{'role': 'user', 'content': 'What is the capital of France?'}]
+  ids, stop_ids = server._chat_prompt(messages)
+  assert ids == tok.apply_chat_template(messages)
+  text = tok.decode(ids)
+  assert text.rstrip().endswith('<|im_start|>assistant') and 'You are a helpful' in text, text
+  assert stop_ids == frozenset(tok.encode('<|im_end|>')) and len(stop_ids) == 1

@@ -71,6 +71,27 @@ def majority_answer(answers: list[str | None]) -> str | None:
   return next(a for a, k in zip(answers, keys) if k is not None and counts[k] == best)
 
 
+class Answerer:
+  """Answers a model gives to problems ({'prompt': str | messages, ...}): each prompt rendered
+  the way the policy was fine-tuned (data/prompts.encode_prompt), decoded until the end of the
+  turn, through one engine whose slots are refilled as answers finish (serving/offline.py).
+  Used by this eval, eval/reward.py's score_policy and launch/onpolicy_pairs.py."""
+
+  def __init__(self, model, tokenizer, problems: list[dict], max_new_tokens: int, *,
+               batch_size: int = 32):
+    chat_prompts = any(not isinstance(p['prompt'], str) for p in problems)
+    self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+    self.eos = chat.end_of_turn_id(tokenizer) if chat_prompts else tokenizer.eos_id
+    self.prompts = [prompt_sources.encode_prompt(tokenizer, p['prompt']) for p in problems]
+    self.engine = offline.engine_for(model, self.prompts, max_new_tokens, max_slots=batch_size)
+
+  def __call__(self, *, n: int = 1, sampling: SamplingParams = SamplingParams()):
+    """(completions, texts), n per problem in order; greedy unless sampling says otherwise."""
+    outs = offline.generate(self.engine, self.prompts, n=n, max_tokens=self.max_new_tokens,
+                            eos_id=self.eos, sampling=sampling)
+    return outs, [self.tokenizer.decode([t for t in o.tokens if t != self.eos]) for o in outs]
+
+
 def _held_out_loss(model, tokenizer, conversations, seq_len, batch_size) -> float:
   @nnx.jit
   def batch_loss(model, batch):
@@ -113,24 +134,17 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
   problems = problems[:num_problems or config.eval.num_problems]
   if not problems:
     raise ValueError(f'{data or config.data.source}: no problems to score')
-  chat_prompts = any(not isinstance(p['prompt'], str) for p in problems)
-  eos = chat.end_of_turn_id(tokenizer) if chat_prompts else tokenizer.eos_id
-  prompts = [prompt_sources.encode_prompt(tokenizer, p['prompt']) for p in problems]
-  n_new = config.eval.max_new_tokens
-  # One engine for every problem: its slots are refilled as answers finish (serving/offline.py).
-  engine = offline.engine_for(model, prompts, n_new, max_slots=batch_size)
-  decode = lambda out: tokenizer.decode([t for t in out.tokens if t != eos])
-
-  greedy = [decode(o) for o in offline.generate(engine, prompts, max_tokens=n_new, eos_id=eos)]
+  answer = Answerer(model, tokenizer, problems, config.eval.max_new_tokens,
+                    batch_size=batch_size)
+  _, greedy = answer()
   right = [rewards.answers_match(rewards.extract_answer(text), p['answer'])
            for text, p in zip(greedy, problems)]
   result = {'workdir': workdir, 'step': int(step), 'dtype': model.cfg.dtype,
             'source': data or config.data.source, 'problems': len(problems),
             'accuracy': float(np.mean(right))}
   if samples:
-    outs = offline.generate(engine, prompts, n=samples, max_tokens=n_new, eos_id=eos,
-                            sampling=SamplingParams(temperature=temperature, seed=seed))
-    answers = [[rewards.extract_answer(decode(o)) for o in outs[i * samples:(i + 1) * samples]]
+    _, texts = answer(n=samples, sampling=SamplingParams(temperature=temperature, seed=seed))
+    answers = [[rewards.extract_answer(t) for t in texts[i * samples:(i + 1) * samples]]
                for i in range(len(problems))]
     correct = np.array([[rewards.answers_match(a, p['answer']) for a in row]
                         for row, p in zip(answers, problems)])

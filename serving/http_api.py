@@ -1,15 +1,19 @@
-"""The OpenAI-compatible HTTP API over JetStream's driver (serving/server.py starts it).
+"""The OpenAI-compatible HTTP API over JetStream's driver, as a Starlette app on uvicorn (the ASGI
+stack vLLM's server uses; serving/server.py runs it).
 
-A small HTTP/1.1 server on asyncio streams (the standard library has no asyncio HTTP server and
-JetStream's result channels live on an event loop): one request per connection, server-sent
-events for streaming. Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, GET /metrics (Prometheus). Until `ready` is set (serving/server.py sets it once the
-engine has compiled every shape it runs), /health and the /v1 generation routes answer 503, which
-is what a Kubernetes readiness probe waits on.
+Starlette routes and uvicorn (h11) speak HTTP/1.1: keep-alive, pipelining, chunked bodies, header
+limits and the header deadline (serving/server.py). This module is the API: routes POST
+/v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics
+(Prometheus); server-sent events for streaming. Until `ready` is set (serving/server.py sets it
+once the engine has compiled every shape it runs), /health and the /v1 generation routes answer
+503, which is what a Kubernetes readiness probe waits on; after SIGTERM (`draining`) they answer
+503 too while the requests in flight finish.
 
 Every request is validated here, before it reaches the driver, because an exception in a driver
-thread kills the process. A client that disconnects, or a stop string, cancels its request,
-which frees its decode slot at the next step. Requests beyond the slots plus `max_queue` get 503.
+thread kills the process; every error is OpenAI's JSON error object with a message that names the
+problem. A client that disconnects, or a stop string, cancels its request, which frees its decode
+slot at the next step. Requests beyond the slots plus `max_queue` get 503. A body over `max_body`
+bytes gets 413, and one that does not arrive within `body_timeout` seconds 408.
 """
 import asyncio
 import dataclasses
@@ -24,14 +28,15 @@ from collections import deque
 
 import prometheus_client as prom
 from jetstream.core.utils.async_multifuture import AsyncMultifuture
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from serving.engine import TOP_LOGPROBS, SamplingParams
 from serving.jetstream_compat import Driver, Request
 
 MAX_BODY = 1 << 20
-_REASONS = {200: 'OK', 400: 'Bad Request', 401: 'Unauthorized', 404: 'Not Found',
-            405: 'Method Not Allowed', 413: 'Payload Too Large', 500: 'Internal Server Error',
-            501: 'Not Implemented', 503: 'Service Unavailable'}
 
 
 class HttpError(Exception):
@@ -43,6 +48,12 @@ class HttpError(Exception):
 
 class _ClientGone(Exception):
   pass
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+  """OpenAI's error object."""
+  return {'error': {'message': message, 'type': 'invalid_request_error' if status < 500 else
+                    'server_error', 'param': param, 'code': status}}
 
 
 class Metrics:
@@ -76,72 +87,119 @@ class Metrics:
 
 
 class OpenAIServer:
+  """The API's state and handlers; `app` is the ASGI application."""
 
   def __init__(self, engine, driver: Driver, *, model_name: str, api_key: str = '',
-               max_queue: int = 64):
+               max_queue: int = 64, max_body: int = MAX_BODY, body_timeout: float = 30.0):
     self.engine, self.driver, self.tok = engine, driver, engine.tokenizer
     self.model_name, self.api_key = model_name, api_key
+    self.max_body, self.body_timeout = max_body, body_timeout
     self.capacity = engine.max_concurrent_decodes + max_queue
     self.inflight: dict[int, Request] = {}  # id -> request (requests are unhashable)
     self.metrics = Metrics(self.inflight)
     self.created = int(time.time())
     self.ready = True  # False while the server warms up (compiles) the engine.
     self.draining = False  # True after SIGTERM: requests in flight finish, new ones get 503.
+    guard = self._guard
+    self.app = Starlette(routes=[
+        Route('/health', guard(self._health)),
+        Route('/metrics', guard(self._metrics)),
+        Route('/v1/models', guard(self._models)),
+        Route('/v1/completions', guard(self._completions), methods=['POST']),
+        Route('/v1/chat/completions', guard(self._chat_completions), methods=['POST']),
+    ], exception_handlers={HTTPException: self._http_exception})
 
-  async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-    try:
-      method, path, headers, body = await _read_request(reader)
-      await self._route(method, path, headers, body, reader, writer)
-    except HttpError as e:
-      self.metrics.requests.labels(str(e.status)).inc()
-      kind = 'invalid_request_error' if e.status < 500 else 'server_error'
-      await _send_json(writer, e.status, {'error': {
-          'message': e.message, 'type': kind, 'param': e.param, 'code': e.status}})
-    except (ConnectionError, asyncio.IncompleteReadError, _ClientGone):
-      pass
-    except Exception:  # A bug in one request must not take the server down.
-      logging.exception('request failed')
-      await _send_json(writer, 500, {'error': {'message': 'internal error', 'type': 'server_error',
-                                               'param': None, 'code': 500}})
-    finally:
-      writer.close()
+  def _guard(self, handler):
+    """The handler, with HttpError answered as OpenAI's error JSON and a bug in one request
+    answered 500 (and logged) rather than taking the server down."""
 
-  async def _route(self, method, path, headers, body, reader, writer):
-    path = path.split('?')[0]
-    if path == '/health':
-      if self.draining:
-        return await _send_json(writer, 503, {'status': 'draining', 'model': self.model_name})
-      if not self.ready:
-        return await _send_json(writer, 503, {'status': 'warming up', 'model': self.model_name})
-      return await _send_json(writer, 200, {'status': 'ok', 'model': self.model_name})
-    if path == '/metrics':
-      return await _send(writer, 200, prom.generate_latest(self.metrics.registry),
-                         prom.CONTENT_TYPE_LATEST)
-    if self.api_key and not hmac.compare_digest(headers.get('authorization', '').encode(),
-                                                f'Bearer {self.api_key}'.encode()):
+    async def endpoint(request):
+      try:
+        return await handler(request)
+      except HttpError as e:
+        self.metrics.requests.labels(str(e.status)).inc()
+        return JSONResponse(error_body(e.status, e.message, e.param), e.status)
+      except Exception:
+        logging.exception('request failed')
+        self.metrics.requests.labels('500').inc()
+        return JSONResponse(error_body(500, 'internal error'), 500)
+    return endpoint
+
+  async def _http_exception(self, request, exc: HTTPException):
+    """Starlette's own 404 (no route) and 405 (wrong method), as OpenAI's error JSON."""
+    message = (f'no route {request.url.path}' if exc.status_code == 404 else
+               f'{request.url.path} does not take {request.method}' if exc.status_code == 405
+               else str(exc.detail))
+    return JSONResponse(error_body(exc.status_code, message), exc.status_code,
+                        headers=getattr(exc, 'headers', None))
+
+  async def _health(self, request):
+    status = 'draining' if self.draining else 'warming up' if not self.ready else 'ok'
+    return JSONResponse({'status': status, 'model': self.model_name},
+                        200 if status == 'ok' else 503)
+
+  async def _metrics(self, request):
+    return Response(prom.generate_latest(self.metrics.registry),
+                    media_type=prom.CONTENT_TYPE_LATEST)
+
+  def _authorize(self, request):
+    if self.api_key and not hmac.compare_digest(
+        request.headers.get('authorization', '').encode(), f'Bearer {self.api_key}'.encode()):
       raise HttpError(401, 'missing or wrong API key (send "Authorization: Bearer KEY")')
-    if path == '/v1/models':
-      return await _send_json(writer, 200, {'object': 'list', 'data': [{
-          'id': self.model_name, 'object': 'model', 'created': self.created,
-          'owned_by': 'lmforge', 'max_model_len': self.engine.max_len}]})
-    if path in ('/v1/completions', '/v1/chat/completions'):
-      if method != 'POST':
-        raise HttpError(405, f'{path} takes POST')
-      if self.draining:
-        raise HttpError(503, 'the server is shutting down; send the request to another replica')
-      if not self.ready:
-        raise HttpError(503, 'the server is warming up (compiling the engine); retry when '
-                        'GET /health answers 200')
-      return await self._complete(_parse_json(body), path.endswith('chat/completions'), reader,
-                                  writer)
-    raise HttpError(404, f'no route {path}')
 
-  async def _complete(self, body: dict, chat: bool, reader, writer):
-    ids, args = self._validate(body, chat)
+  async def _models(self, request):
+    self._authorize(request)
+    return JSONResponse({'object': 'list', 'data': [{
+        'id': self.model_name, 'object': 'model', 'created': self.created,
+        'owned_by': 'lmforge', 'max_model_len': self.engine.max_len}]})
+
+  async def _completions(self, request):
+    return await self._generation(request, chat=False)
+
+  async def _chat_completions(self, request):
+    return await self._generation(request, chat=True)
+
+  async def _generation(self, request, chat: bool):
+    self._authorize(request)
+    if self.draining:
+      raise HttpError(503, 'the server is shutting down; send the request to another replica')
+    if not self.ready:
+      raise HttpError(503, 'the server is warming up (compiling the engine); retry when '
+                      'GET /health answers 200')
+    ids, args = self._validate(_parse_json(await self._read_body(request)), chat)
+    return _Completion(self, ids, args, chat)
+
+  async def _read_body(self, request) -> bytes:
+    length = request.headers.get('content-length')
+    if length is not None and not length.isdigit():
+      raise HttpError(400, f'bad Content-Length {length!r}')
+    if length is not None and int(length) > self.max_body:
+      raise HttpError(413, f'the request body has {length} bytes; this server takes at most '
+                      f'{self.max_body}')
+    chunks, size = [], 0
+
+    async def read():
+      nonlocal size
+      async for chunk in request.stream():
+        size += len(chunk)
+        if size > self.max_body:
+          raise HttpError(413, f'the request body is over {self.max_body} bytes')
+        chunks.append(chunk)
+    try:
+      await asyncio.wait_for(read(), self.body_timeout)
+    except asyncio.TimeoutError as e:
+      raise HttpError(408, f'the request body did not arrive within {self.body_timeout:g} s '
+                      f'({size} bytes came)') from e
+    return b''.join(chunks)
+
+  async def _run(self, ids, args, chat, receive, send):
+    """One validated completion request: its n choices through the driver, streamed or not."""
     n = args['n']
     if len(self.inflight) + n > self.capacity:
-      raise HttpError(503, f'the server is at capacity ({len(self.inflight)} requests in flight'
-                      f'{f", this one asks for {n}" if n > 1 else ""}); retry later')
+      self.metrics.requests.labels('503').inc()
+      return await _send_json(send, 503, error_body(
+          503, f'the server is at capacity ({len(self.inflight)} requests in flight'
+          f'{f", this one asks for {n}" if n > 1 else ""}); retry later'))
     # Choice i samples with seed + i: n samples of one seed differ, and a rerun repeats them.
     requests = [Request(max_tokens=args['max_tokens'], return_channel=AsyncMultifuture(),
                         prefill_content=ids, is_client_side_tokenization=True,
@@ -150,8 +208,8 @@ class OpenAIServer:
                         stop_ids=args['stop_ids']) for i in range(n)]
     for request in requests:
       self.inflight[id(request)] = request
-    gone = asyncio.ensure_future(reader.read(1))  # b'' once the client closes the connection
-    stream = _Stream(self, writer, chat, args) if args['stream'] else None
+    gone = asyncio.ensure_future(_disconnected(receive))
+    stream = _Stream(self, send, chat, args) if args['stream'] else None
     try:
       if stream:
         await stream.start()
@@ -165,11 +223,16 @@ class OpenAIServer:
         if args['echo'] or args['top_logprobs']:
           for choice, (text, tokens, logprobs, _) in zip(body['choices'], choices):
             await self._add_scores(choice, chat, ids, tokens, logprobs, text, args)
-        await _send_json(writer, 200, body)
+        await _send_json(send, 200, body)
       self.metrics.requests.labels('200').inc()
     except _ClientGone:
       self.metrics.requests.labels('disconnected').inc()
-      raise
+    except Exception:
+      logging.exception('request failed')
+      self.metrics.requests.labels('500').inc()
+      if stream is None or not stream.started:
+        await _send_json(send, 500, error_body(500, 'internal error'))
+      # else: the 200 is sent; ending the stream without [DONE] tells the client it failed.
     finally:
       for request in requests:
         request.cancelled = True  # No-op after a normal end; frees the slot otherwise.
@@ -368,19 +431,34 @@ class OpenAIServer:
             'usage': _usage(n_prompt, sum(len(c[1]) for c in choices))}
 
 
+class _Completion(Response):
+  """The response to a validated completion request: runs it when Starlette sends the response,
+  so admission (the capacity check), the request's slots and their release all happen in one
+  coroutine whatever the client does."""
+
+  def __init__(self, server: OpenAIServer, ids, args, chat: bool):
+    self.server, self.ids, self.args, self.chat = server, ids, args, chat
+    self.background = None
+
+  async def __call__(self, scope, receive, send):
+    await self.server._run(self.ids, self.args, self.chat, receive, send)
+
+
 class _Stream:
   """Server-sent events of one completion; text is held back while it may still change (an
   incomplete UTF-8 sequence, or the start of a stop string)."""
 
-  def __init__(self, server: OpenAIServer, writer, chat: bool, args):
-    self.server, self.writer, self.chat, self.args = server, writer, chat, args
+  def __init__(self, server: OpenAIServer, send, chat: bool, args):
+    self.server, self.send_asgi, self.chat, self.args = server, send, chat, args
     self.id = f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}'
     self.sent_text, self.sent_tokens = [''] * args['n'], [0] * args['n']  # per choice
     self.holdback = max(map(len, args['stop']), default=1) - 1
+    self.started = False
 
   async def start(self):
-    self.writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n'
-                      b'Cache-Control: no-cache\r\nConnection: close\r\n\r\n')
+    await self.send_asgi({'type': 'http.response.start', 'status': 200, 'headers': [
+        (b'content-type', b'text/event-stream; charset=utf-8'), (b'cache-control', b'no-cache')]})
+    self.started = True
     if self.chat:
       for index in range(self.args['n']):
         await self._event(index, {'role': 'assistant', 'content': ''}, None, None)
@@ -401,19 +479,21 @@ class _Stream:
     choice = ({'index': index, 'delta': delta, 'logprobs': logprobs, 'finish_reason': finish}
               if self.chat else
               {'index': index, 'text': delta, 'logprobs': logprobs, 'finish_reason': finish})
-    chunk = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else 'text_completion',
-             'created': int(time.time()), 'model': self.server.model_name, 'choices': [choice]}
-    self.writer.write(f'data: {json.dumps(chunk)}\n\n'.encode())
-    await self.writer.drain()
+    await self._data({'id': self.id, 'object': 'chat.completion.chunk' if self.chat else
+                      'text_completion', 'created': int(time.time()),
+                      'model': self.server.model_name, 'choices': [choice]})
+
+  async def _data(self, chunk, more=True):
+    payload = chunk if isinstance(chunk, str) else json.dumps(chunk)
+    await self.send_asgi({'type': 'http.response.body', 'body': f'data: {payload}\n\n'.encode(),
+                          'more_body': more})
 
   async def done(self, usage: dict):
     if self.args['include_usage']:  # OpenAI's last chunk: no choices, the request's usage.
-      chunk = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else
-               'text_completion', 'created': int(time.time()), 'model': self.server.model_name,
-               'choices': [], 'usage': usage}
-      self.writer.write(f'data: {json.dumps(chunk)}\n\n'.encode())
-    self.writer.write(b'data: [DONE]\n\n')
-    await self.writer.drain()
+      await self._data({'id': self.id, 'object': 'chat.completion.chunk' if self.chat else
+                        'text_completion', 'created': int(time.time()),
+                        'model': self.server.model_name, 'choices': [], 'usage': usage})
+    await self._data('[DONE]', more=False)
 
 
 def _usage(n_prompt: int, n_completion: int) -> dict:
@@ -429,6 +509,12 @@ def _logprobs(tok, chat, tokens, logprobs):
   offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
   return {'tokens': pieces, 'token_logprobs': logprobs, 'top_logprobs': None,
           'text_offset': offsets}
+
+
+async def _disconnected(receive):
+  """Returns once the client has closed its connection (the request's body is already read)."""
+  while (await receive())['type'] != 'http.disconnect':
+    pass
 
 
 async def _next(channel, gone):
@@ -470,29 +556,5 @@ def _parse_json(body: bytes) -> dict:
   return parsed
 
 
-async def _read_request(reader):
-  line = (await reader.readline()).decode('latin-1').split()
-  if len(line) != 3:
-    raise HttpError(400, 'malformed HTTP request line')
-  headers = {}
-  while (raw := await reader.readline()) not in (b'\r\n', b'\n', b''):
-    name, _, value = raw.decode('latin-1').partition(':')
-    headers[name.strip().lower()] = value.strip()
-  try:
-    length = int(headers.get('content-length', 0))
-  except ValueError as e:
-    raise HttpError(400, 'bad Content-Length') from e
-  if length > MAX_BODY:
-    raise HttpError(413, f'request body over {MAX_BODY} bytes')
-  body = await reader.readexactly(length) if length else b''
-  return line[0], line[1], headers, body
-
-
-async def _send(writer, status, payload: bytes, content_type):
-  writer.write(f'HTTP/1.1 {status} {_REASONS.get(status, "")}\r\nContent-Type: {content_type}\r\n'
-               f'Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n'.encode() + payload)
-  await writer.drain()
-
-
-async def _send_json(writer, status, obj):
-  await _send(writer, status, json.dumps(obj).encode(), 'application/json')
+async def _send_json(send, status: int, obj):
+  await JSONResponse(obj, status)({'type': 'http'}, None, send)

@@ -6,77 +6,37 @@ Greedy answers are checked against offline generation on the same checkpoint in 
 import concurrent.futures
 import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax.numpy as jnp
 import numpy as np
 import openai
-import portpicker
 import pytest
-from flax import nnx
 
-from data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
-from models import checkpoint, llama, presets
+from data.tokenizer import Tokenizer, load_tokenizer
+from models import checkpoint
 from serving import offline
 from serving.engine import Engine
+from tests.helpers import SERVE_PROMPTS, make_serve_workdir, start_server, stop_server
 
 KEY = 'secret'
-PROMPTS = ['In the beginning', 'And God said', 'Let there be light', 'x', 'def f(a, b):', 'y = 1']
+PROMPTS = SERVE_PROMPTS
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, repo_root):
-  wd = str(tmp_path_factory.mktemp('serve'))
-  cfg = presets.resolve('tiny', dtype='float32')
-  ckpt = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'), async_save=False)
-  ckpt.save(0, nnx.state(llama.create_model(cfg, seed=3), nnx.Param))
-  ckpt.close()
-  checkpoint.save_model_config(wd, cfg)
-  sources = [open(os.path.join(repo_root, 'serving', f)).read() for f in os.listdir(
-      os.path.join(repo_root, 'serving')) if f.endswith('.py')]
-  save_tokenizer(train_tokenizer(sources + PROMPTS * 10, vocab_size=cfg.vocab_size), wd)
-  return wd
+  return make_serve_workdir(str(tmp_path_factory.mktemp('serve')), repo_root)
 
 
 @pytest.fixture(scope='module')
 def server(workdir, repo_root):
-  port, grpc_port = portpicker.pick_unused_port(), portpicker.pick_unused_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'serving.server', f'--workdir={workdir}', f'--port={port}',
-       f'--grpc_port={grpc_port}', f'--api_key={KEY}', '--max_concurrent_decodes=2',
-       '--max_len=128', '--max_queue=2', '--model_name=tiny'],
-      cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  try:
-    deadline, health = time.time() + 120, []
-    while time.time() < deadline:
-      assert proc.poll() is None, proc.stdout.read()
-      try:
-        status, payload = _request(port, 'GET', '/health')
-      except OSError:
-        time.sleep(0.5)
-        continue
-      health.append((status, json.loads(payload)['status']))
-      if status == 200:
-        break
-      time.sleep(0.05)
-    log = []  # The lines the server printed before it answered 200 (it prints, then serves).
-    while not any('warm-up took' in line for line in log):
-      log.append(proc.stdout.readline())
-    yield {'port': port, 'grpc_port': grpc_port, 'proc': proc, 'health': health, 'log': log}
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(15)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
+  server = start_server(workdir, repo_root, f'--api_key={KEY}', '--max_concurrent_decodes=2',
+                        '--max_len=128', '--max_queue=2', '--model_name=tiny')
+  yield server
+  stop_server(server)
 
 
 @pytest.fixture(scope='module')

@@ -55,7 +55,8 @@ def start(args, workdir: str, slots: int):
   proc = subprocess.Popen(
       [sys.executable, '-m', 'serving.server', f'--workdir={workdir}', f'--port={port}',
        f'--max_concurrent_decodes={slots}', f'--max_len={args.max_len}',
-       f'--max_queue={max(64, slots)}', f'--dtype={args.dtype}', '--model_name=bench'],
+       f'--max_queue={max(64, slots)}', f'--dtype={args.dtype}', '--model_name=bench',
+       f'--decode_steps={args.decode_steps}'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:
     print('  server:', line.rstrip(), flush=True)
@@ -113,6 +114,8 @@ def main():
   parser.add_argument('--slots', type=int, default=0, help='decode slots (0: max concurrency)')
   parser.add_argument('--max_len', type=int, default=512)
   parser.add_argument('--dtype', default='auto')
+  parser.add_argument('--decode_steps', type=int, default=4, help="the server's decode steps "
+                      'per dispatch')
   args = parser.parse_args()
   levels = [int(c) for c in args.concurrency.split(',')]
   slots = args.slots or max(levels)
@@ -141,7 +144,7 @@ def main():
       shutil.rmtree(tmp, ignore_errors=True)
   base = results[0]
   print(f'\nserver on {jax.default_backend()} ({jax.devices()[0].device_kind}), {slots} slots of '
-        f'{args.max_len}, prompts of {args.prompt_words} words, up to {args.max_tokens} tokens, '
+        f'{args.max_len}, {args.decode_steps} decode steps per dispatch, prompts of {args.prompt_words} words, up to {args.max_tokens} tokens, '
         f'{args.requests} requests per level')
   print('| concurrency | TTFT p50 / p90 / p99 (ms) | decode tok/s per request p50 (p10) | '
         f'output tok/s | TTFT p50 vs c={base["concurrency"]} | tok/s vs c={base["concurrency"]} |')

@@ -10,6 +10,9 @@ arrive at once and each generates exactly N tokens (random weights; EOS ignored)
   generate steps, each step's tokens copied to the host one step behind (as JetStream's
   orchestrator does). TTFT: arrival to the first returned token (all c prefills happen first, so
   it grows with c); ITL: mean time per later step; tokens/s: c * N / total time.
+- `many`: the same engine as the server and offline generation run it (generate_many):
+  --decode_steps steps per dispatch in one compiled loop, each request ending on the device at
+  its N tokens, the host reading each chunk once. TTFT: arrival to the first step's token.
 - `hf`: transformers.LlamaForCausalLM of the same shape and dtype, `generate(do_sample=False,
   min_new_tokens=N, max_new_tokens=N)` on the batch of c prompts (dynamic cache, SDPA). TTFT:
   a generate of one token; ITL: (total - TTFT) / (N - 1).
@@ -74,6 +77,42 @@ def run_ours(args, preset, c):
           'device': jax.devices()[0].device_kind}
 
 
+def run_many(args, preset, c):
+  """Our engine as the server and offline generation run it: generate_many, --decode_steps
+  steps per dispatch with stopping on the device (each request's max_tokens = N)."""
+  import jax
+  from models import llama
+  from serving.engine import Engine
+  cfg = shape(args, preset)
+  engine = Engine(llama.create_model(cfg, seed=0), max_concurrent_decodes=c, max_len=args.max_len,
+                  max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
+                  decode_steps=args.decode_steps)
+  prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
+
+  def once(n_new):
+    start = time.perf_counter()
+    state = engine.init_decode_state()
+    for slot, p in enumerate(prompts):
+      padded, n = engine.pad_prompt(p)
+      state = engine.insert(engine.prefill(params=engine.params, padded_tokens=padded,
+                                           true_length=n, max_tokens=n_new), state, slot)
+    # The first token after one step (as a request sees it), then the rest in chunks.
+    state, step = engine.generate_many(engine.params, state, 1)
+    np.asarray(step['tokens'])
+    first = time.perf_counter()
+    returned = 1
+    while returned < n_new:
+      state, step = engine.generate_many(engine.params, state)
+      returned += int(np.asarray(step['valid'])[0].sum())
+    end = time.perf_counter()
+    return first - start, (end - first) / max(1, n_new - 1), end - start
+
+  once(4)  # Compiles every function of this shape.
+  ttft, itl, total = min((once(args.new) for _ in range(args.repeat)), key=lambda r: r[2])
+  return {'ttft_ms': 1e3 * ttft, 'itl_ms': 1e3 * itl, 'tokens_per_s': c * args.new / total,
+          'device': jax.devices()[0].device_kind}
+
+
 def run_hf(args, preset, c):
   import torch
   import transformers
@@ -127,14 +166,15 @@ def main():
   parser.add_argument('--max_len', type=int, default=256, help='our cache length per slot')
   parser.add_argument('--dtype', default='float32', help='compute dtype (both sides)')
   parser.add_argument('--param_dtype', default=None, help='weight dtype (default: --dtype)')
-  parser.add_argument('--sides', default='ours,hf')
+  parser.add_argument('--sides', default='ours,many,hf')
+  parser.add_argument('--decode_steps', type=int, default=8, help="`many`'s steps per dispatch")
   parser.add_argument('--repeat', type=int, default=3, help='timed runs; the fastest is kept')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   args.param_dtype = args.param_dtype or args.dtype
   if args.child:
     side, preset, c = args.child.split(':')
-    result = (run_ours if side == 'ours' else run_hf)(args, preset, int(c))
+    result = {'ours': run_ours, 'many': run_many, 'hf': run_hf}[side](args, preset, int(c))
     print('RESULT ' + json.dumps(result), flush=True)
     return
   print(f'P={args.prompt} N={args.new} max_len={args.max_len} dtype={args.dtype} '
@@ -143,6 +183,7 @@ def main():
         f'{"floor":>7}  device')
   for preset in args.presets.split(','):
     for c in map(int, args.concurrency.split(',')):
+      rates = {}
       for side in args.sides.split(','):
         out = subprocess.run([sys.executable, '-m', 'bench.serve_throughput', *sys.argv[1:],
                               f'--child={side}:{preset}:{c}'], capture_output=True, text=True,
@@ -157,6 +198,11 @@ def main():
           frac = f'{floor_ms(args, preset, c) / r["itl_ms"]:.0%}'
         print(f'{preset:8} {c:>3} {side:5} {r["ttft_ms"]:9.1f} {r["itl_ms"]:8.2f} '
               f'{r["tokens_per_s"]:9.0f} {frac:>7}  {r["device"]}', flush=True)
+        rates[side] = r['tokens_per_s']
+      if 'many' in rates:
+        print(f'{preset:8} {c:>3} many: ' + ', '.join(
+            f'{rates["many"] / rates[peer]:.2f}x the tokens/s of {peer}'
+            for peer in ('ours', 'hf') if peer in rates), flush=True)
 
 
 if __name__ == '__main__':

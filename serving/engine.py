@@ -4,7 +4,10 @@ It follows JetStream's Engine API (prefill a prompt into a prefix, insert the pr
 `max_concurrent_decodes` decode slots, generate one token for every slot at once), so the same
 object runs under JetStream's orchestrator (serving/jetstream_compat.py wraps it) and under our
 own offline loop (serving/offline.py). It does not import JetStream itself, so trainers and the
-GPU benchmark use it without JetStream's dependencies.
+GPU benchmark use it without JetStream's dependencies. Both of those run `generate_many`:
+`decode_steps` steps inside one compiled while loop, with each sequence ending on the device (at
+its max_tokens or a stop id such as EOS) and the loop ending once no slot is live, so the host
+syncs once per chunk rather than once per token (tpu-inference and sglang-jax do the same).
 
 The decode state holds, per slot, its KV cache, its position, the token sampled but not yet
 returned, and its own sampling parameters (temperature, top-k, top-p, random key), so one step
@@ -32,6 +35,8 @@ from models.llama import Llama, init_cache
 from models.sharding import logical_to_mesh
 
 MIN_BUCKET = 16
+DECODE_STEPS = 8  # decode steps per dispatch (generate_many), the engine's default
+MAX_STOP_IDS = 4  # stop token ids per sequence that end it on the device
 TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (OpenAI's limit).
 
 
@@ -123,8 +128,12 @@ class Engine:
   """Continuous-batching decode over a fixed number of slots (JetStream's Engine API)."""
 
   def __init__(self, model: Llama, *, max_concurrent_decodes: int = 8, max_len: int | None = None,
-               max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None):
+               max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None,
+               decode_steps: int = DECODE_STEPS):
     self.cfg = model.cfg
+    if decode_steps < 1:
+      raise ValueError(f'decode_steps must be >= 1, got {decode_steps}')
+    self.decode_steps = decode_steps
     self.max_len = max_len or self.cfg.max_seq_len
     if self.max_len > self.cfg.max_seq_len:
       raise ValueError(f'max_len={self.max_len} exceeds the model max_seq_len='
@@ -149,9 +158,10 @@ class Engine:
     # One compiled step per decode path (MODES): all slots greedy (the common serving and eval
     # case), some sampling, some with top-k / top-p (the vocabulary sort). The host knows which
     # from the requests it inserted.
-    self._generate = {mode: jax.jit(functools.partial(_generate, self.graphdef, self.max_len,
-                                                      mode), donate_argnums=1)
-                      for mode in MODES}
+    # generate_many runs decode_steps of them in one dispatch (generate: one).
+    self._generate = {(mode, steps): jax.jit(functools.partial(
+        _generate, self.graphdef, self.max_len, mode, steps), donate_argnums=1)
+        for mode in MODES for steps in {1, decode_steps}}
     self._slot_modes = {}  # slot -> decode mode of the request it holds.
     self._init_state = jax.jit(self._empty_state, out_shardings=self._state_shardings())
 
@@ -179,8 +189,13 @@ class Engine:
     return nnx.state(model)
 
   def prefill(self, *, params, padded_tokens, true_length: int, existing_prefix=None,
-              sampling: SamplingParams | None = None):
-    """Runs the prompt, samples its first new token; returns the prefix for `insert`."""
+              sampling: SamplingParams | None = None, max_tokens: int | None = None,
+              stop_ids=()):
+    """Runs the prompt, samples its first new token; returns the prefix for `insert`.
+
+    max_tokens (default: until the cache is full) and stop_ids (up to MAX_STOP_IDS token ids,
+    EOS among them as the caller says) end the sequence on the device: its slot returns at most
+    max_tokens tokens and nothing after the first stop id (which it returns)."""
     if existing_prefix is not None:
       raise NotImplementedError('prefix caching (existing_prefix) is not supported')
     padded_tokens = jnp.asarray(padded_tokens, jnp.int32)
@@ -192,7 +207,19 @@ class Engine:
     with self._mesh_context():
       prefix = self._prefill(params, padded_tokens, jnp.int32(true_length),
                              *_sampling_args(sampling or SamplingParams()))
-    return dict(prefix, mode=(sampling or SamplingParams()).mode)
+    return dict(prefix, **self._limits(max_tokens, stop_ids),
+                mode=(sampling or SamplingParams()).mode)
+
+  def _limits(self, max_tokens, stop_ids) -> dict:
+    if max_tokens is not None and max_tokens < 1:
+      raise ValueError(f'max_tokens must be >= 1, got {max_tokens}')
+    stop_ids = sorted(set(int(t) for t in stop_ids))
+    if len(stop_ids) > MAX_STOP_IDS:
+      raise ValueError(f'at most {MAX_STOP_IDS} stop token ids, got {len(stop_ids)}')
+    stop = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stop[:len(stop_ids)] = stop_ids
+    return {'limit': np.int32(self.max_len if max_tokens is None else max_tokens),
+            'stop': stop}
 
   def resample(self, prefix, sampling: SamplingParams):
     """The same prompt's prefix with its first token drawn anew under `sampling`: n samples of
@@ -202,7 +229,9 @@ class Engine:
     small = {k: prefix[k] for k in ('logits', 'pos')}
     with self._mesh_context():
       drawn = self._first_token(small, *_sampling_args(sampling))
-    return dict(drawn, cache=prefix['cache'], mode=sampling.mode)  # mode: a host-side flag.
+    # The limits are the prompt's; mode is a host-side flag.
+    return dict(drawn, cache=prefix['cache'], limit=prefix['limit'], stop=prefix['stop'],
+                mode=sampling.mode)
 
   def insert(self, prefix, decode_state, slot: int):
     prefix = dict(prefix)
@@ -215,11 +244,28 @@ class Engine:
 
     Each step returns the token sampled by the previous step (or by prefill) together with its
     log-prob, and samples the next one; `lengths` counts the tokens a slot has returned so far
-    and `valid` is False once the slot's cache is full.
+    and `valid` is False for a slot that holds no live sequence: empty, ended (it returned a
+    stop id or its max_tokens) or with a full cache.
     """
+    state, out = self._steps(params, decode_state, 1)
+    return state, {k: v[:, 0] if k != 'lengths' else v for k, v in out.items()}
+
+  def generate_many(self, params, decode_state, steps: int | None = None):
+    """`steps` (1 or, by default, `decode_steps`) steps in one dispatch, stopping early on the
+    device once no slot is live: (new state, {'tokens', 'logprobs', 'valid': [slots, steps],
+    'lengths': [slots]}).
+    Step j of slot i is what the j-th of as many `generate` calls would have returned; a slot
+    whose sequence ends mid-way returns nothing valid after its end, so the host refills it at
+    the next call."""
+    steps = self.decode_steps if steps is None else steps
+    if steps not in (1, self.decode_steps):
+      raise ValueError(f'steps must be 1 or decode_steps={self.decode_steps}, got {steps}')
+    return self._steps(params, decode_state, steps)
+
+  def _steps(self, params, decode_state, steps):
     with self._mesh_context():
       mode = max(self._slot_modes.values(), key=MODES.index, default='greedy')
-      return self._generate[mode](params, decode_state)
+      return self._generate[mode, steps](params, decode_state)
 
   def init_decode_state(self, *args, **kwargs):
     with self._mesh_context():
@@ -229,8 +275,10 @@ class Engine:
     """Compiles everything a request runs, so that none waits for XLA (a server's first request
     otherwise waited 74 s on a CPU): prefill and insert for every bucket, the first-token draw
     of a resampled prefix, and the decode step of each of MODES, on a scratch decode state
-    (transiently a second KV cache). `after_step(step)` is called on each step's output (the
-    JetStream wrapper compiles its result packing there). Returns the seconds it took."""
+    (transiently a second KV cache); the steps are generate_many's, of 1 and of decode_steps
+    steps, which is what the server and offline generation run. `after_step(step)` is called on
+    each step's output (the JetStream wrapper compiles its result packing there). Returns the
+    seconds it took."""
     start = time.perf_counter()
     params = self.params if params is None else params
     state, prefix = self.init_decode_state(), None
@@ -241,12 +289,13 @@ class Engine:
         prefix = self.prefill(params=params, padded_tokens=np.zeros((bucket,), np.int32),
                               true_length=1)
         state = self.insert(prefix, self.insert(prefix, state, 0), 0)
-        state, step = self.generate(params, state)
+        state, step = self.generate_many(params, state)
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
                      SamplingParams(temperature=1.0, top_k=2)):
-      state = self.insert(self.resample(prefix, sampling), state, 0)
-      state, step = self.generate(params, state)
-      jax.block_until_ready(after_step(step) if after_step else step)
+      for steps in sorted({1, self.decode_steps}):
+        state = self.insert(self.resample(prefix, sampling), state, 0)
+        state, step = self.generate_many(params, state, steps)
+        jax.block_until_ready(after_step(step) if after_step else step)
     self._slot_modes.pop(0, None)
     return time.perf_counter() - start
 
@@ -315,6 +364,7 @@ class Engine:
     per_slot = shard(('batch',))
     state = jax.tree.map(lambda _: per_slot, jax.eval_shape(self._empty_state))
     state['key'] = shard(('batch', None))
+    state['stop'] = shard(('batch', None))
     kv = shard(('batch', None, 'kv_heads', None))
     state['cache'] = [{'k': kv, 'v': kv} for _ in range(self.cfg.n_layers)]
     return state
@@ -331,6 +381,9 @@ class Engine:
         'temperature': jnp.zeros((s,), jnp.float32),
         'top_k': jnp.zeros((s,), jnp.int32),
         'top_p': jnp.ones((s,), jnp.float32),
+        'limit': jnp.zeros((s,), jnp.int32),  # tokens the slot may return in all
+        'stop': jnp.full((s, MAX_STOP_IDS), -1, jnp.int32),  # token ids that end it (-1: none)
+        'done': jnp.ones((s,), bool),  # no live sequence: empty or ended
     }
 
 
@@ -378,19 +431,47 @@ def _insert(prefix, state, slot):
       'returned': put('returned', 0), 'key': put('key', prefix['key']),
       'temperature': put('temperature', prefix['temperature']),
       'top_k': put('top_k', prefix['top_k']), 'top_p': put('top_p', prefix['top_p']),
+      'limit': put('limit', prefix['limit']), 'stop': put('stop', prefix['stop']),
+      'done': put('done', False),
   }
 
 
-def _generate(graphdef, max_len, mode, params, state):
+def _generate(graphdef, max_len, mode, steps, params, state):
+  """`steps` decode steps for every slot, in a while loop that ends early once no slot is live.
+
+  A step returns each live slot's pending token (sampled by the step before, or by prefill) and
+  samples the next; a slot ends after returning one of its stop ids or its `limit`-th token, and
+  stops advancing at a full cache. Ended and empty slots ride along (the batch is computed
+  whole), frozen and reported invalid."""
   model = nnx.merge(graphdef, params)
-  pos = state['pos']
-  logits, cache = model(state['tokens'][:, None], pos[:, None], cache=state['cache'])
-  nxt, logp = sample_tokens(logits[:, 0], state['key'], pos + 1, state['temperature'],
-                            state['top_k'], state['top_p'], mode)
-  returned = state['returned'] + 1
-  step = {'tokens': state['tokens'], 'logprobs': state['logprobs'], 'valid': pos < max_len,
-          'lengths': returned}
-  # A full slot stops advancing (its writes past the cache are dropped) and reports invalid.
-  new_state = dict(state, cache=cache, tokens=nxt, logprobs=logp,
-                   pos=jnp.minimum(pos + 1, max_len), returned=returned)
-  return new_state, step
+  slots = state['pos'].shape[0]
+  live = lambda s: ~s['done'] & (s['pos'] < max_len)
+
+  def step(carry):
+    i, s, out = carry
+    active, pos, emitted = live(s), s['pos'], s['tokens']
+    logits, cache = model(emitted[:, None], pos[:, None], cache=s['cache'])
+    nxt, logp = sample_tokens(logits[:, 0], s['key'], pos + 1, s['temperature'], s['top_k'],
+                              s['top_p'], mode)
+    returned = s['returned'] + active
+    ended = (emitted[:, None] == s['stop']).any(-1) | (returned >= s['limit'])
+    out = {'tokens': out['tokens'].at[:, i].set(emitted),
+           'logprobs': out['logprobs'].at[:, i].set(s['logprobs']),
+           'valid': out['valid'].at[:, i].set(active)}
+    # A full slot stops advancing (its writes past the cache are dropped) and reports invalid.
+    s = dict(s, cache=cache, tokens=jnp.where(active, nxt, emitted),
+             logprobs=jnp.where(active, logp, s['logprobs']),
+             pos=jnp.where(active, jnp.minimum(pos + 1, max_len), pos), returned=returned,
+             done=s['done'] | (active & ended))
+    return i + 1, s, out
+
+  out = {'tokens': jnp.zeros((slots, steps), jnp.int32),
+         'logprobs': jnp.zeros((slots, steps), jnp.float32),
+         'valid': jnp.zeros((slots, steps), bool)}
+  carry = (jnp.int32(0), state, out)
+  if steps == 1:  # JetStream's one step: no loop around it.
+    carry = step(carry)
+  else:
+    carry = jax.lax.while_loop(lambda c: (c[0] < steps) & live(c[1]).any(), step, carry)
+  _, state, out = carry
+  return state, dict(out, lengths=state['returned'])

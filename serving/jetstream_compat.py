@@ -8,7 +8,10 @@ JetStream's problems with current JAX, and what this module does about each:
 - the gRPC server binds to every interface: `start_grpc` binds to the host it is given;
 - a request carries only its prompt and max_tokens, and a sample only its token ids: `Request`
   adds per-request sampling parameters, stop-token ids, cancellation and per-token log-probs,
-  and `Driver` hands the sampling parameters to the engine's prefill.
+  and `Driver` hands the sampling parameters, max_tokens and stop ids to the engine's prefill;
+- one generate call is one decode step upstream: ours runs the engine's `decode_steps` steps
+  (generate_many) and returns them in JetStream's speculative-decoding result layout (several
+  tokens per slot per call), which its detokenizer already reads up to the first invalid token.
 Any exception in a driver thread SIGKILLs the process, so callers validate requests before they
 reach the driver. `Driver.stop()` must run inside the event loop that owns the requests' channels.
 """
@@ -62,22 +65,26 @@ _current = threading.local()
 
 @struct.dataclass
 class _Results(engine_api.ResultTokens):
-  """ResultTokens with a 4th column: each token's log-prob, its float32 bits stored as int32."""
+  """ResultTokens of `generate_many`'s N steps, as JetStream's speculative layout: per slot N
+  token columns, N validity columns, the length, then N log-prob columns (float32 bits stored as
+  int32). JetStream's detokenizer returns a slot's tokens up to its first invalid or stop one."""
 
   def convert_to_numpy(self):
     return _Results(np.asarray(self.data), self.tokens_idx, self.valid_idx, self.length_idx,
                     self.samples_per_slot)
 
   def get_result_at_slot(self, slot):
-    _current.logprob = float(self.data[slot, 3:4].view(np.float32)[0])
+    n = self.tokens_idx[1]
+    _current.logprobs = self.data[slot, 2 * n + 1:3 * n + 1].view(np.float32).tolist()
     return super().get_result_at_slot(slot)
 
 
 @jax.jit
 def _pack(step):
-  cols = [step['tokens'], step['valid'].astype(jnp.int32), step['lengths'],
-          jax.lax.bitcast_convert_type(step['logprobs'], jnp.int32)]
-  return jnp.stack(cols, axis=1)
+  lengths = step['lengths'][:, None]
+  logprobs = jax.lax.bitcast_convert_type(step['logprobs'], jnp.int32)
+  return jnp.concatenate([step['tokens'], step['valid'].astype(jnp.int32), lengths, logprobs],
+                         axis=1)
 
 
 class TokenizerAdapter(tokenizer_api.Tokenizer):
@@ -103,9 +110,12 @@ class TokenizerAdapter(tokenizer_api.Tokenizer):
 
 @dataclasses.dataclass(frozen=True)
 class _Prompt:
-  """Padded prompt tokens travelling to prefill with their request's sampling parameters."""
+  """Padded prompt tokens travelling to prefill with their request's sampling parameters and the
+  limits that end it on the device (max_tokens, stop token ids)."""
   tokens: np.ndarray
   sampling: SamplingParams
+  max_tokens: int | None
+  stop_ids: tuple = ()
 
 
 class JetStreamEngine(engine_api.Engine):
@@ -113,25 +123,31 @@ class JetStreamEngine(engine_api.Engine):
 
   def __init__(self, engine: Engine):
     self.engine = engine
+    self.waiting = lambda: False  # Driver: whether requests wait to join the running ones.
 
   def prefill(self, *, params, existing_prefix=None, padded_tokens, true_length):
-    sampling = None
+    sampling, limits = None, {}
     if isinstance(padded_tokens, _Prompt):
-      padded_tokens, sampling = padded_tokens.tokens, padded_tokens.sampling
+      prompt = padded_tokens
+      padded_tokens, sampling = prompt.tokens, prompt.sampling
+      limits = {'max_tokens': prompt.max_tokens, 'stop_ids': prompt.stop_ids}
     # JetStream keeps the last tokens of a gRPC prompt longer than the largest bucket but reports
     # its full length; an error here would kill the process, so the length follows the tokens.
     true_length = min(true_length, len(padded_tokens))
     return self.engine.prefill(params=params, existing_prefix=existing_prefix,
                                padded_tokens=padded_tokens, true_length=true_length,
-                               sampling=sampling)
+                               sampling=sampling, **limits)
 
   def insert(self, prefix, decode_state, slot):
     return self.engine.insert(prefix, decode_state, slot)
 
   def generate(self, params, decode_state):
-    state, step = self.engine.generate(params, decode_state)
-    return state, _Results(data=_pack(step), tokens_idx=(0, 1), valid_idx=(1, 2),
-                           length_idx=(2, 3), samples_per_slot=1)
+    # One step while requests wait to join (they are inserted between calls, so a long call
+    # would hold back their first token), decode_steps steps otherwise.
+    n = 1 if self.waiting() else self.engine.decode_steps
+    state, step = self.engine.generate_many(params, decode_state, n)
+    return state, _Results(data=_pack(step), tokens_idx=(0, n), valid_idx=(n, 2 * n),
+                           length_idx=(2 * n, 2 * n + 1), samples_per_slot=1)
 
   def load_params(self, *args, **kwargs):
     return self.engine.load_params(*args, **kwargs)
@@ -167,14 +183,16 @@ class Request(orchestrator.ActiveRequest):
   cancelled: bool = False
 
   def enqueue_samples(self, generated_samples):
-    ids = list(generated_samples[0].token_ids)
-    if ids and ids[0] in self.stop_ids:
+    ids = list(generated_samples[0].token_ids)  # JetStream cut them at EOS or the slot's end
+    logprobs = _current.logprobs[:len(ids)]
+    stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+    if stop is not None:  # e.g. a chat template's end-of-turn: not returned, ends the request
+      ids, logprobs = ids[:stop], logprobs[:stop]
       self.cancelled = True
-      ids = []
     if self.cancelled:
       self.complete[:] = True  # The detokenize thread then closes the channel and frees the slot.
     if ids:
-      self.return_channel.add_result((ids, [_current.logprob]))
+      self.return_channel.add_result((ids, logprobs))
 
 
 class Driver(orchestrator.Driver):
@@ -185,12 +203,21 @@ class Driver(orchestrator.Driver):
     params = engine.params if params is None else params
     super().__init__(prefill_engines=[wrapped], generate_engines=[wrapped],
                      prefill_params=[params], generate_params=[params], interleaved_mode=True)
+    wrapped.waiting = lambda: not (self._prefill_backlog.empty() and
+                                   self._transfer_backlogs[0].empty() and
+                                   self._generate_backlogs[0].empty())
 
   def _process_prefill_content(self, request, tokenizer, is_bos, max_prefill_length):
-    if not isinstance(request, Request):
-      return super()._process_prefill_content(request, tokenizer, is_bos, max_prefill_length)
-    padded, n = self._prefill_engines[0].engine.pad_prompt(request.prefill_content)
-    return _Prompt(padded, request.sampling), n
+    engine = self._prefill_engines[0].engine
+    if not isinstance(request, Request):  # gRPC: JetStream's own tokenization, EOS ends it
+      padded, n = super()._process_prefill_content(request, tokenizer, is_bos,
+                                                   max_prefill_length)
+      limit = request.max_tokens if request.max_tokens and request.max_tokens > 0 else None
+      return _Prompt(padded, SamplingParams(), limit, (tokenizer.eos_id,)), n
+    padded, n = engine.pad_prompt(request.prefill_content)
+    eos = () if engine.tokenizer is None else (engine.tokenizer.eos_id,)
+    return _Prompt(padded, request.sampling, request.max_tokens,
+                   eos + tuple(request.stop_ids)), n
 
 
 def warm_up(engine: Engine) -> float:

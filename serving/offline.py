@@ -68,23 +68,28 @@ def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 
       if j == 0:  # One prefill per prompt; its other samples only redraw the first token.
         tokens, length = padded[i]
         prefix = engine.prefill(params=params, padded_tokens=tokens, true_length=length,
-                                sampling=seeded)
+                                sampling=seeded, max_tokens=max_tokens,
+                                stop_ids=() if eos_id is None else (eos_id,))
       else:
         prefix = engine.resample(prefix, seeded)
       state = engine.insert(prefix, state, slot)
       live[slot] = (i, j)
       out[i, j] = Completion(i, j, [], [], None, 'length')
-    state, step = engine.generate(params, state)
+    # decode_steps steps per dispatch; EOS and max_tokens end a sequence on the device, so the
+    # host reads each slot's tokens up to its first invalid step (or a stop string).
+    state, step = engine.generate_many(params, state)
     step = jax.device_get(step)
     for slot, (i, j) in list(live.items()):
       c = out[i, j]
-      if not step['valid'][slot]:
-        del live[slot]
-        continue
-      c.tokens.append(int(step['tokens'][slot]))
-      c.logprobs.append(float(step['logprobs'][slot]))
-      if _finished(engine, c, max_tokens, stop, eos_id):
-        del live[slot]
+      for k in range(step['valid'].shape[1]):
+        if not step['valid'][slot, k]:  # ended on the device: a full cache (else seen below)
+          del live[slot]
+          break
+        c.tokens.append(int(step['tokens'][slot, k]))
+        c.logprobs.append(float(step['logprobs'][slot, k]))
+        if _finished(engine, c, max_tokens, stop, eos_id):
+          del live[slot]
+          break
   for c in out.values():
     if engine.tokenizer is not None:
       c.text = _cut_at_stop(engine.tokenizer.decode(c.tokens), stop)

@@ -59,6 +59,9 @@ _MAX_HEADER = flags.DEFINE_integer('max_header_bytes', 16384, 'Largest request l
 _MAX_CONNECTIONS = flags.DEFINE_integer('max_connections', 4096, 'Open connections beyond which '
                                         'uvicorn answers 503.')
 _ACCESS_LOG = flags.DEFINE_bool('access_log', False, "uvicorn's access log, one line per request.")
+_DECODE_STEPS = flags.DEFINE_integer('decode_steps', 4, 'Decode steps per dispatch to the device '
+                                     '(more: fewer host round trips; a new request waits for '
+                                     'the running ones to finish theirs before it joins).')
 _DTYPE = entry.define_dtype_flag()
 
 
@@ -218,7 +221,7 @@ def main(argv):
   max_prefill = 1 << max(4, (max_len // 2).bit_length() - 1)
   engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, dtype=_DTYPE.value,
                                max_concurrent_decodes=slots, max_len=max_len,
-                               max_prefill_length=max_prefill)
+                               max_prefill_length=max_prefill, decode_steps=_DECODE_STEPS.value)
   print(f'{engine.cfg.num_params():,}-parameter model computing in {engine.cfg.dtype} '
         f'(--dtype={_DTYPE.value}) on {jax.default_backend()}; {slots} decode slots of {max_len} '
         f'tokens, prompts up to {max_prefill}', flush=True)

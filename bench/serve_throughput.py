@@ -6,13 +6,16 @@
 
 For each preset and concurrency c (default 1, 8, 64): c requests with random P-token prompts
 arrive at once and each generates exactly N tokens (random weights; EOS ignored), greedy.
-- `ours`: Engine with c slots and a max_len-token cache; prefill + insert every request, then
-  generate steps, each step's tokens copied to the host one step behind (as JetStream's
-  orchestrator does). TTFT: arrival to the first returned token (all c prefills happen first, so
+- `ours`: the engine as it was before issue 10's changes, the baseline: Engine with c slots and
+  a max_len-token cache attended over whole every step; one prefill + insert per request, then
+  one generate step per dispatch, each step's tokens copied to the host one step behind (as
+  JetStream's orchestrator does). TTFT: arrival to the first returned token (all c prefills happen first, so
   it grows with c); ITL: mean time per later step; tokens/s: c * N / total time.
-- `many`: the same engine as the server and offline generation run it (generate_many):
-  --decode_steps steps per dispatch in one compiled loop, each request ending on the device at
-  its N tokens, the host reading each chunk once. TTFT: arrival to the first step's token.
+- `many`: the same engine as the server and offline generation run it: prompts prefilled up to
+  --prefill_batch per call (prefill_batch_of), then generate_many: --decode_steps steps per
+  dispatch in one compiled loop, each request ending on the device at its N tokens, attention
+  over the filled part of the cache only (a power-of-two span >= 128), the host reading each
+  chunk once. TTFT: arrival to the first step's token.
 - `hf`: transformers.LlamaForCausalLM of the same shape and dtype, `generate(do_sample=False,
   min_new_tokens=N, max_new_tokens=N)` on the batch of c prompts (dynamic cache, SDPA). TTFT:
   a generate of one token; ITL: (total - TTFT) / (N - 1).
@@ -47,7 +50,9 @@ def run_ours(args, preset, c):
   from serving.engine import Engine
   cfg = shape(args, preset)
   engine = Engine(llama.create_model(cfg, seed=0), max_concurrent_decodes=c, max_len=args.max_len,
-                  max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()))
+                  max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
+                  decode_steps=1, prefill_batch=1)
+  engine.attend_buckets = [engine.max_len]  # The whole cache every step, as before issue 10.
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
 
   def once(n_new):
@@ -86,16 +91,16 @@ def run_many(args, preset, c):
   cfg = shape(args, preset)
   engine = Engine(llama.create_model(cfg, seed=0), max_concurrent_decodes=c, max_len=args.max_len,
                   max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
-                  decode_steps=args.decode_steps)
+                  decode_steps=args.decode_steps, prefill_batch=args.prefill_batch)
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
 
   def once(n_new):
     start = time.perf_counter()
     state = engine.init_decode_state()
-    for slot, p in enumerate(prompts):
-      padded, n = engine.pad_prompt(p)
-      state = engine.insert(engine.prefill(params=engine.params, padded_tokens=padded,
-                                           true_length=n, max_tokens=n_new), state, slot)
+    prefixes = engine.prefill_batch_of(params=engine.params, prompts=list(prompts),
+                                       max_tokens=n_new)
+    for slot, prefix in enumerate(prefixes):
+      state = engine.insert(prefix, state, slot)
     # The first token after one step (as a request sees it), then the rest in chunks.
     state, step = engine.generate_many(engine.params, state, 1)
     np.asarray(step['tokens'])
@@ -168,6 +173,7 @@ def main():
   parser.add_argument('--param_dtype', default=None, help='weight dtype (default: --dtype)')
   parser.add_argument('--sides', default='ours,many,hf')
   parser.add_argument('--decode_steps', type=int, default=8, help="`many`'s steps per dispatch")
+  parser.add_argument('--prefill_batch', type=int, default=8, help="`many`'s prompts per prefill")
   parser.add_argument('--repeat', type=int, default=3, help='timed runs; the fastest is kept')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()

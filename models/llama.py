@@ -84,7 +84,7 @@ class Attention(nnx.Module):
     self.wv = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs, cfg.qkv_bias)
     self.wo = _linear(cfg.n_heads * hd, d, ('q_heads', 'embed'), cfg, rngs)
 
-  def __call__(self, x, positions, segment_ids, cache):
+  def __call__(self, x, positions, segment_ids, cache, attend_len=None):
     cfg = self.cfg
     b, t, _ = x.shape
     heads = ('act_batch', 'act_length', 'act_heads', None)
@@ -107,9 +107,12 @@ class Attention(nnx.Module):
       rows = jnp.arange(b)[:, None]
       cache = {'k': cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype)),
                'v': cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))}
-      max_len = cache['k'].shape[1]
-      visible = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-      o = jax.nn.dot_product_attention(q, cache['k'].astype(q.dtype), cache['v'].astype(q.dtype),
+      # attend_len (static): attend over the cache's first attend_len positions only, which the
+      # caller guarantees hold every position of these queries (the engine's length buckets).
+      span = cache['k'].shape[1] if attend_len is None else attend_len
+      visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+      o = jax.nn.dot_product_attention(q, cache['k'][:, :span].astype(q.dtype),
+                                       cache['v'][:, :span].astype(q.dtype),
                                        mask=visible[:, None], implementation='xla')
     o = constrain(o, heads, self.rules)
     return self.wo(o.reshape(b, t, -1)), cache
@@ -137,14 +140,14 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
     self.mlp = MLP(cfg, rules, rngs)
 
-  def __call__(self, x, positions, segment_ids, cache):
-    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+  def __call__(self, x, positions, segment_ids, cache, attend_len=None):
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, attend_len)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _block_forward(block, x, positions, segment_ids, cache):
-  return block(x, positions, segment_ids, cache)
+def _block_forward(block, x, positions, segment_ids, cache, attend_len=None):
+  return block(x, positions, segment_ids, cache, attend_len)
 
 
 _REMAT = {
@@ -168,7 +171,7 @@ class Llama(nnx.Module):
         cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, *,
-               return_hidden: bool = False):
+               return_hidden: bool = False, attend_len: int | None = None):
     """tokens [B, T] -> logits [B, T, vocab] in fp32, and the updated cache when one is given.
 
     positions: [B, T] position of each token in its sequence (default 0..T-1); with a cache they
@@ -176,9 +179,11 @@ class Llama(nnx.Module):
     return_hidden: return the final-norm hidden states [B, T, d_model] instead of the logits, for
     callers that apply `head` to a few positions at a time (chunked log-probs). It is a flag of
     `__call__` rather than a call of `hidden_states` because qwix's LoRA intercepts `__call__`
-    only: a LoRA model must be run through it.
+    only: a LoRA model must be run through it. attend_len (static, with a cache): attention reads
+    only the cache's first attend_len positions, which must hold every query position (decode
+    steps of sequences shorter than the cache).
     """
-    x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, attend_len)
     out = x if return_hidden else self.head(x)
     return out if cache is None else (out, new_cache)
 
@@ -188,7 +193,8 @@ class Llama(nnx.Module):
     return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'),
                      self.rules)
 
-  def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+  def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
+                    attend_len: int | None = None):
     """The final-norm hidden states [B, T, d_model] (what the LM head reads; a reward or value
     head reads them too), and the updated cache (None without one)."""
     b, t = tokens.shape
@@ -200,10 +206,12 @@ class Llama(nnx.Module):
     # full rematerialisation).
     table = constrain(self.embed.embedding[...], ('vocab', None), self.rules)
     x = constrain(jnp.take(table, tokens, axis=0).astype(self.cfg.dtype), act, self.rules)
-    block_fn = _REMAT[self.cfg.remat] if cache is None else _block_forward
     new_cache = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = block_fn(layer, x, positions, segment_ids, None if cache is None else cache[i])
+      if cache is None:
+        x, layer_cache = _REMAT[self.cfg.remat](layer, x, positions, segment_ids, None)
+      else:
+        x, layer_cache = _block_forward(layer, x, positions, segment_ids, cache[i], attend_len)
       x = constrain(x, act, self.rules)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)

@@ -17,6 +17,7 @@ reach the driver. `Driver.stop()` must run inside the event loop that owns the r
 """
 import dataclasses
 import logging
+import queue
 import sys
 import threading
 import types
@@ -218,6 +219,38 @@ class Driver(orchestrator.Driver):
     eos = () if engine.tokenizer is None else (engine.tokenizer.eos_id,)
     return _Prompt(padded, request.sampling, request.max_tokens,
                    eos + tuple(request.stop_ids)), n
+
+  def _prefill_thread(self, idx: int):
+    """JetStream's prefill thread, batched: the requests waiting in the prefill backlog (up to
+    the engine's prefill_batch) are prefilled together (Engine.prefill_batch_of: one call per
+    length bucket), then each goes on to a decode slot as upstream. Upstream prefills one
+    request per call, so the 64th of 64 simultaneous requests waited for 63 prefills."""
+    engine = self._prefill_engines[idx].engine
+    params = self._prefill_params[idx]
+    tokenizer = self._prefill_engines[idx].build_tokenizer(None)
+    while self.live:
+      batch = [self._prefill_backlog.get(block=True)]
+      while batch[-1] is not None and len(batch) < engine.prefill_batch:
+        try:
+          batch.append(self._prefill_backlog.get(block=False))
+        except queue.Empty:
+          break
+      requests = [r for r in batch if r is not None]
+      if requests:
+        prompts = [self._process_prefill_content(r, tokenizer, not r.history_path,
+                                                 engine.max_prefill_length) for r in requests]
+        # (JetStream keeps the last tokens of a gRPC prompt over the largest bucket and reports
+        # its full length: the length follows the tokens.)
+        prefixes = engine.prefill_batch_of(
+            params=params, prompts=[p.tokens[:min(n, len(p.tokens))] for p, n in prompts],
+            samplings=[p.sampling for p, _ in prompts],
+            max_tokens=[p.max_tokens for p, _ in prompts],
+            stop_ids=[p.stop_ids for p, _ in prompts])
+        for request, prefix in zip(requests, prefixes):
+          request.prefill_result = prefix
+          self._transfer_backlogs[idx].put(request, block=True)
+      if batch[-1] is None:
+        break
 
 
 def warm_up(engine: Engine) -> float:

@@ -54,24 +54,33 @@ def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 
   params = engine.params if params is None else params
   if eos_id is None and engine.tokenizer is not None:
     eos_id = engine.tokenizer.eos_id
-  padded = [engine.pad_prompt(p) for p in prompts]  # Validates every prompt before any work.
+  for p in prompts:  # Validates every prompt before any work.
+    engine.pad_prompt(p)
   todo = collections.deque((i, j) for i in range(len(prompts)) for j in range(n))
   state = engine.init_decode_state()
   live: dict[int, tuple[int, int]] = {}  # slot -> (prompt, sample)
   out: dict[tuple[int, int], Completion] = {}
+  prefixes = {}  # prompt -> its prefix, while samples of it remain to start
   while todo or live:
+    starts = []  # (slot, prompt, sample) to insert now
     for slot in range(engine.max_concurrent_decodes):
-      if slot in live or not todo:
-        continue
-      i, j = todo.popleft()
-      seeded = dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
-      if j == 0:  # One prefill per prompt; its other samples only redraw the first token.
-        tokens, length = padded[i]
-        prefix = engine.prefill(params=params, padded_tokens=tokens, true_length=length,
-                                sampling=seeded, max_tokens=max_tokens,
-                                stop_ids=() if eos_id is None else (eos_id,))
-      else:
-        prefix = engine.resample(prefix, seeded)
+      if slot not in live and todo:
+        starts.append((slot, *todo.popleft()))
+    seeded = {(i, j): dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
+              for _, i, j in starts}
+    # One prefill per prompt, the prompts of the free slots together; a prompt's other samples
+    # only redraw the first token.
+    new = [i for _, i, j in starts if j == 0]
+    if new:
+      done = engine.prefill_batch_of(
+          params=params, prompts=[prompts[i] for i in new],
+          samplings=[seeded[i, 0] for i in new], max_tokens=max_tokens,
+          stop_ids=() if eos_id is None else (eos_id,))
+      prefixes.update(zip(new, done))
+    for slot, i, j in starts:
+      prefix = prefixes[i] if j == 0 else engine.resample(prefixes[i], seeded[i, j])
+      if j == n - 1:
+        del prefixes[i]
       state = engine.insert(prefix, state, slot)
       live[slot] = (i, j)
       out[i, j] = Completion(i, j, [], [], None, 'length')

@@ -116,7 +116,7 @@ def test_the_host_picks_the_cheapest_decode_step(engine):
   assert set(engine._slot_modes.values()) == {'filtered'}
   after = {m: f._cache_size() for m, f in engine._generate.items()}
   # offline.generate runs the multi-step function (generate_many) of each mode.
-  many = [(mode, engine.decode_steps) for mode in MODES]
+  many = [(mode, engine.decode_steps, engine.max_len) for mode in MODES]
   assert all(after[m] >= 1 and after[m] >= before[m] for m in many)
 
 
@@ -240,3 +240,88 @@ def test_after_warmup_no_request_compiles(model):
                    SamplingParams(temperature=0.8, top_p=0.9)):
     offline.generate(engine, [p[:32] for p in PROMPTS], n=2, max_tokens=5, sampling=sampling)
   assert compiles == []
+
+
+def test_batched_prefill_gives_each_prompt_what_its_own_prefill_gives(model):
+  # 5 prompts over 4 slots, several in one bucket: prefill_batch_of runs them together (padded
+  # to a power of two), and each prefix equals the single prefill's; greedy decoding from them
+  # equals full recompute, and the sampled first tokens are the seeds' (slot- and batch-free).
+  engine = Engine(model, max_concurrent_decodes=4, max_len=96, max_prefill_length=64,
+                  prefill_batch=4)
+  prompts = [[5, 17, 300, 2], [9, 8, 7], [44, 45, 46, 47, 48], [3] * 20, [10, 11]]
+  samplings = [SamplingParams(), SamplingParams(1.0, 0, 1.0, 3), SamplingParams(),
+               SamplingParams(0.7, 5, 0.9, 4), SamplingParams(1.0, 0, 1.0, 5)]
+  calls = []
+  rows = engine._prefill_rows
+  engine._prefill_rows = lambda *a: calls.append(a[1].shape) or rows(*a)
+  batched = engine.prefill_batch_of(params=engine.params, prompts=prompts, samplings=samplings,
+                                    max_tokens=[3, 4, 5, 6, 7], stop_ids=(2,))
+  assert calls == [(4, 16)]  # the four 16-token-bucket prompts in one call; [3] * 20 alone
+  for prompt, sampling, limit, got in zip(prompts, samplings, [3, 4, 5, 6, 7], batched):
+    padded, n = engine.pad_prompt(prompt)
+    want = engine.prefill(params=engine.params, padded_tokens=padded, true_length=n,
+                          sampling=sampling, max_tokens=limit, stop_ids=(2,))
+    assert int(got['token']) == int(want['token']) and got['mode'] == want['mode']
+    np.testing.assert_allclose(got['logprob'], want['logprob'], atol=1e-5)
+    assert int(got['limit']) == limit and list(got['stop']) == list(want['stop'])
+    for a, b in zip(got['cache'], want['cache']):
+      assert a['k'].shape == b['k'].shape
+      np.testing.assert_allclose(a['k'][:, :n], b['k'][:, :n], atol=1e-5)
+  done = offline.generate(engine, prompts, max_tokens=10)
+  for prompt, c in zip(prompts, done):
+    assert c.tokens == _greedy_without_cache(model, prompt, 10)
+
+
+def test_generate_many_ends_sequences_on_the_device(model):
+  # decode_steps=4: one dispatch returns up to 4 tokens a slot, nothing valid after a slot's
+  # max_tokens, and the loop stops early once every slot has ended.
+  engine = Engine(model, max_concurrent_decodes=2, max_len=96, max_prefill_length=64,
+                  decode_steps=4)
+  state = engine.init_decode_state()
+  for slot, (prompt, limit) in enumerate([(PROMPTS[0], 6), (PROMPTS[1], 2)]):
+    padded, n = engine.pad_prompt(prompt)
+    state = engine.insert(engine.prefill(params=engine.params, padded_tokens=padded,
+                                         true_length=n, max_tokens=limit), state, slot)
+  tokens = [[], []]
+  for expect_valid in ([[1, 1, 1, 1], [1, 1, 0, 0]], [[1, 1, 0, 0], [0, 0, 0, 0]]):
+    state, step = engine.generate_many(engine.params, state)
+    step = jax.device_get(step)
+    assert step['valid'].astype(int).tolist() == expect_valid
+    for slot in range(2):
+      tokens[slot] += step['tokens'][slot][step['valid'][slot]].tolist()
+  assert tokens[0] == _greedy_without_cache(model, PROMPTS[0], 6)
+  assert tokens[1] == _greedy_without_cache(model, PROMPTS[1], 2)
+  assert step['lengths'].tolist() == [6, 2]
+
+
+def test_decode_attends_over_the_filled_part_of_the_cache_only(model):
+  # A 384-token cache attends over 128, 256 or 384 positions, whichever holds every live slot's
+  # positions: a prompt of 120 tokens decoding 20 crosses from span 128 to 256, exactly as full
+  # recompute; once it has ended, a short sequence runs at span 128 again.
+  engine = Engine(model, max_concurrent_decodes=2, max_len=384, max_prefill_length=128,
+                  decode_steps=4)
+  assert engine.attend_buckets == [128, 256, 384]
+  spans = []
+  steps = engine._steps
+
+  def spy(params, state, n):
+    out = steps(params, state, n)
+    spans.append(engine.last_span)
+    return out
+  engine._steps = spy
+  long_prompt = [(7 * i) % 500 + 3 for i in range(120)]
+  done = offline.generate(engine, [long_prompt, PROMPTS[0]], max_tokens=20)
+  assert done[0].tokens == _greedy_without_cache_wide(model, long_prompt, 20)
+  assert done[1].tokens == _greedy_without_cache(model, PROMPTS[0], 20)
+  assert spans[0] == 128 and spans[-1] == 256 and set(spans) == {128, 256}, spans
+  spans.clear()
+  again = offline.generate(engine, [PROMPTS[2]], max_tokens=8)
+  assert again[0].tokens == _greedy_without_cache(model, PROMPTS[2], 8)
+  assert set(spans) == {128}, spans  # The long sequence's slot was released.
+
+
+def _greedy_without_cache_wide(model, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(jnp.argmax(_logits(model, seq, width=256)[-1])))
+  return seq[len(prompt):]

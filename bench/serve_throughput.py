@@ -89,9 +89,14 @@ def run_many(args, preset, c):
   from models import llama
   from serving.engine import Engine
   cfg = shape(args, preset)
-  engine = Engine(llama.create_model(cfg, seed=0), max_concurrent_decodes=c, max_len=args.max_len,
+  model = llama.create_model(cfg, seed=0)
+  if args.quantize != 'none':
+    from models.quantize import quantize_weights
+    model = quantize_weights(model, args.quantize)
+  engine = Engine(model, max_concurrent_decodes=c, max_len=args.max_len,
                   max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
-                  decode_steps=args.decode_steps, prefill_batch=args.prefill_batch)
+                  decode_steps=args.decode_steps, prefill_batch=args.prefill_batch,
+                  kv_dtype=args.kv_dtype)
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
 
   def once(n_new):
@@ -174,6 +179,8 @@ def main():
   parser.add_argument('--sides', default='ours,many,hf')
   parser.add_argument('--decode_steps', type=int, default=8, help="`many`'s steps per dispatch")
   parser.add_argument('--prefill_batch', type=int, default=8, help="`many`'s prompts per prefill")
+  parser.add_argument('--quantize', default='none', help="`many`'s weights: none, int8 or int4")
+  parser.add_argument('--kv_dtype', default=None, help="`many`'s KV cache dtype (default: --dtype)")
   parser.add_argument('--repeat', type=int, default=3, help='timed runs; the fastest is kept')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -184,7 +191,8 @@ def main():
     print('RESULT ' + json.dumps(result), flush=True)
     return
   print(f'P={args.prompt} N={args.new} max_len={args.max_len} dtype={args.dtype} '
-        f'param_dtype={args.param_dtype}')
+        f'param_dtype={args.param_dtype}; many: decode_steps={args.decode_steps} '
+        f'prefill_batch={args.prefill_batch} quantize={args.quantize} kv_dtype={args.kv_dtype}')
   print(f'{"preset":8} {"c":>3} {"side":5} {"TTFT ms":>9} {"ITL ms":>8} {"tok/s":>9} '
         f'{"floor":>7}  device')
   for preset in args.presets.split(','):

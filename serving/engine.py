@@ -132,8 +132,13 @@ class Engine:
 
   def __init__(self, model: Llama, *, max_concurrent_decodes: int = 8, max_len: int | None = None,
                max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None,
-               decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH):
+               decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH,
+               kv_dtype: str | None = None):
     self.cfg = model.cfg
+    # The KV cache's dtype (default: the compute dtype); reads are cast to the compute dtype.
+    self.kv_dtype = jnp.dtype(kv_dtype or self.cfg.dtype)
+    if self.kv_dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+      raise ValueError(f'kv_dtype={kv_dtype!r}: expected float32, bfloat16 or float16')
     if prefill_batch < 1 or prefill_batch & (prefill_batch - 1):
       raise ValueError(f'prefill_batch must be a power of two >= 1, got {prefill_batch}')
     # prefill_batch compiles per (batch of 1, 2, 4, ... prefill_batch prompts, bucket).
@@ -189,12 +194,17 @@ class Engine:
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, mesh=None, rules=None,
-                   dtype: str | None = 'auto', **kwargs) -> 'Engine':
+                   dtype: str | None = 'auto', quantize: str | None = None,
+                   **kwargs) -> 'Engine':
     """The engine over a workdir's newest (or given) checkpoint and its tokenizer, computing in
-    `dtype` ('auto': models.presets.resolve_dtype for inference; None: as the run trained)."""
+    `dtype` ('auto': models.presets.resolve_dtype for inference; None: as the run trained), with
+    weight-only quantization when `quantize` says ('int8', 'int4': models/quantize.py)."""
     from data.tokenizer import load_tokenizer
     from models.checkpoint import load_model
     model, _ = load_model(workdir, step=step, mesh=mesh, rules=rules, dtype=dtype)
+    if quantize not in (None, '', 'none'):
+      from models.quantize import quantize_weights
+      model = quantize_weights(model, quantize)
     return cls(model, mesh=mesh, rules=rules, tokenizer=load_tokenizer(workdir), **kwargs)
 
   # ---- JetStream's Engine API ----
@@ -471,7 +481,7 @@ class Engine:
   def _empty_state(self):
     s = self.slots
     return {
-        'cache': init_cache(self.cfg, s, self.max_len),
+        'cache': init_cache(self.cfg, s, self.max_len, self.kv_dtype),
         'tokens': jnp.zeros((s,), jnp.int32),  # sampled, returned by the next generate step
         'logprobs': jnp.zeros((s,), jnp.float32),
         'pos': jnp.zeros((s,), jnp.int32),  # where `tokens` goes in the cache

@@ -62,6 +62,10 @@ _ACCESS_LOG = flags.DEFINE_bool('access_log', False, "uvicorn's access log, one 
 _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 4, 'Decode steps per dispatch to the device '
                                      '(more: fewer host round trips; a new request waits for '
                                      'the running ones to finish theirs before it joins).')
+_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8', 'int4'], 'Weight-only '
+                              'quantization of the projections (models/quantize.py, qwix).')
+_KV_DTYPE = flags.DEFINE_enum('kv_dtype', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
+                              "The KV cache's dtype (auto: the compute dtype).")
 _DTYPE = entry.define_dtype_flag()
 
 
@@ -221,10 +225,14 @@ def main(argv):
   max_prefill = 1 << max(4, (max_len // 2).bit_length() - 1)
   engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, dtype=_DTYPE.value,
                                max_concurrent_decodes=slots, max_len=max_len,
-                               max_prefill_length=max_prefill, decode_steps=_DECODE_STEPS.value)
+                               max_prefill_length=max_prefill, decode_steps=_DECODE_STEPS.value,
+                               quantize=_QUANTIZE.value,
+                               kv_dtype=None if _KV_DTYPE.value == 'auto' else _KV_DTYPE.value)
   print(f'{engine.cfg.num_params():,}-parameter model computing in {engine.cfg.dtype} '
         f'(--dtype={_DTYPE.value}) on {jax.default_backend()}; {slots} decode slots of {max_len} '
-        f'tokens, prompts up to {max_prefill}', flush=True)
+        f'tokens, prompts up to {max_prefill}'
+        + (f'; weights {_QUANTIZE.value}' if _QUANTIZE.value != 'none' else '')
+        + f'; KV cache {engine.kv_dtype}', flush=True)
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value))
   asyncio.run(serve(engine, host=_HOST.value, port=_PORT.value, grpc_port=_GRPC_PORT.value,
                     model_name=name, api_key=_API_KEY.value, max_queue=_MAX_QUEUE.value,

@@ -325,3 +325,49 @@ def _greedy_without_cache_wide(model, prompt, n):
   for _ in range(n):
     seq.append(int(jnp.argmax(_logits(model, seq, width=256)[-1])))
   return seq[len(prompt):]
+
+
+def test_int8_weights_serve_exactly_their_own_model_and_close_to_float(model):
+  # Weight-only int8 (qwix PTQ): the projections are stored in int8, the engine decodes the
+  # quantized model exactly (greedy == its own full recompute, log-probs == its own), and its
+  # log-probs of the float model's greedy tokens stay close to the float model's.
+  from models.quantize import quantize_weights
+  qmodel = quantize_weights(llama.create_model(CFG, seed=1), 'int8')
+  leaves = jax.tree.leaves(nnx.state(qmodel))
+  assert any(leaf.dtype == jnp.int8 for leaf in leaves)
+  int8_bytes = sum(leaf.nbytes for leaf in leaves if leaf.dtype == jnp.int8)
+  projections = sum(leaf.size for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
+                    if 'kernel' in jax.tree_util.keystr(path))
+  assert int8_bytes == projections  # every projection weight, one byte each
+  engine = Engine(qmodel, max_concurrent_decodes=2, max_len=96, max_prefill_length=64)
+  done = offline.generate(engine, PROMPTS[:3], max_tokens=8)
+  for prompt, c in zip(PROMPTS, done):
+    assert c.tokens == _greedy_without_cache(qmodel, prompt, 8)
+    np.testing.assert_allclose(c.logprobs, _model_logprobs(qmodel, prompt, c.tokens), atol=2e-4)
+  float_tokens = _greedy_without_cache(model, PROMPTS[1], 8)
+  drift = np.abs(_model_logprobs(qmodel, PROMPTS[1], float_tokens) -
+                 _model_logprobs(model, PROMPTS[1], float_tokens))
+  assert drift.max() < 0.05, drift
+  with pytest.raises(ValueError, match="quantize='int3'"):
+    quantize_weights(model, 'int3')
+
+
+def test_a_bfloat16_kv_cache_halves_the_cache_and_keeps_the_logprobs(model):
+  engine = Engine(model, max_concurrent_decodes=2, max_len=96, max_prefill_length=64,
+                  kv_dtype='bfloat16')
+  state = engine.init_decode_state()
+  assert state['cache'][0]['k'].dtype == jnp.bfloat16
+  done = offline.generate(engine, PROMPTS[:2], max_tokens=8)
+  for prompt, c in zip(PROMPTS, done):
+    np.testing.assert_allclose(c.logprobs, _model_logprobs(model, prompt, c.tokens), atol=0.02)
+  with pytest.raises(ValueError, match='kv_dtype'):
+    Engine(model, max_concurrent_decodes=1, max_len=96, kv_dtype='int8')
+
+
+def test_from_workdir_quantizes_when_asked(tmp_path, repo_root):
+  from tests.helpers import make_serve_workdir
+  wd = make_serve_workdir(str(tmp_path), repo_root)
+  engine = Engine.from_workdir(wd, quantize='int8', max_concurrent_decodes=1, max_len=64,
+                               max_prefill_length=16)
+  assert any(leaf.dtype == jnp.int8 for leaf in jax.tree.leaves(engine.params))
+  assert len(offline.generate(engine, [[5, 6, 7]], max_tokens=3)[0].tokens) >= 1

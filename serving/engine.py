@@ -40,6 +40,7 @@ DECODE_STEPS = 8  # decode steps per dispatch (generate_many), the engine's defa
 MAX_STOP_IDS = 4  # stop token ids per sequence that end it on the device
 PREFILL_BATCH = 8  # prompts of one bucket prefilled in one call (prefill_batch_of)
 ATTEND_BUCKET = 128  # the shortest cache span a decode step attends over (then powers of two)
+PREFILL_CHUNK = 512  # prompts of longer buckets prefill in chunks of this many tokens
 TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (OpenAI's limit).
 
 
@@ -133,8 +134,13 @@ class Engine:
   def __init__(self, model: Llama, *, max_concurrent_decodes: int = 8, max_len: int | None = None,
                max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None,
                decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH,
-               kv_dtype: str | None = None):
+               kv_dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK):
     self.cfg = model.cfg
+    if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
+      raise ValueError(f'prefill_chunk must be a power of two >= {MIN_BUCKET}, got '
+                       f'{prefill_chunk}')
+    # Prompts of a longer bucket prefill in chunks of this many tokens, one dispatch each.
+    self.prefill_chunk = prefill_chunk
     # The KV cache's dtype (default: the compute dtype); reads are cast to the compute dtype.
     self.kv_dtype = jnp.dtype(kv_dtype or self.cfg.dtype)
     if self.kv_dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -162,9 +168,12 @@ class Engine:
     # shapes (an RL step) reuse the compiled functions.
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
     self._prefill_rows = jax.jit(functools.partial(_prefill_rows, self.graphdef))
+    self._prefill_part = jax.jit(functools.partial(_prefill_part, self.graphdef),
+                                 donate_argnums=3)
     self._split_rows = jax.jit(_split_rows, static_argnums=1)
     self._insert = jax.jit(_insert, donate_argnums=1)
     self._first_token = jax.jit(_first_token)
+    self._head = jax.jit(lambda params, h: nnx.merge(self.graphdef, params).head(h[None, None])[0, 0])
     self._score = jax.jit(functools.partial(_score, self.graphdef))
     # Lengths prompt_logprobs pads to: powers of two up to the whole cache.
     self.score_buckets = [b for b in prefill_buckets(1 << (self.max_len - 1).bit_length())
@@ -237,10 +246,28 @@ class Engine:
     if not 0 < true_length <= padded_tokens.shape[0]:
       raise ValueError(f'true_length={true_length} outside (0, {padded_tokens.shape[0]}]')
     with self._mesh_context():
-      prefix = self._prefill(params, padded_tokens, jnp.int32(true_length),
-                             *_sampling_args(sampling or SamplingParams()))
+      if padded_tokens.shape[0] > self.prefill_chunk:
+        prefix = self._chunked_prefill(params, padded_tokens, true_length,
+                                       sampling or SamplingParams())
+      else:
+        prefix = self._prefill(params, padded_tokens, jnp.int32(true_length),
+                               *_sampling_args(sampling or SamplingParams()))
     return dict(prefix, **self._limits(max_tokens, stop_ids),
                 mode=(sampling or SamplingParams()).mode, length=int(true_length))
+
+  def _chunked_prefill(self, params, padded_tokens, true_length: int, sampling):
+    """Chunked prefill: the prompt's chunks of prefill_chunk tokens run one dispatch each into
+    the bucket's cache, each attending over the chunks before it, up to the chunk holding the
+    last prompt token (the padding after it is never run). The activations of one chunk, not
+    the whole prompt, are alive at a time, and a server's decode steps run between chunks."""
+    c = self.prefill_chunk
+    cache = init_cache(self.cfg, 1, padded_tokens.shape[0])
+    for start in range(0, true_length, c):
+      hidden, cache = self._prefill_part(params, padded_tokens[start:start + c][None],
+                                         jnp.int32(start), cache)
+    last = self._head(params, hidden[0, (true_length - 1) % c])
+    return self._first_token({'cache': cache, 'logits': last, 'pos': jnp.int32(true_length)},
+                             *_sampling_args(sampling))
 
   def _limits(self, max_tokens, stop_ids) -> dict:
     if max_tokens is not None and max_tokens < 1:
@@ -277,6 +304,12 @@ class Engine:
     for rows in by_bucket.values():
       for start in range(0, len(rows), self.prefill_batch):
         group = rows[start:start + self.prefill_batch]
+        if len(group) == 1 or len(padded[group[0]][0]) > self.prefill_chunk:  # one at a time
+          for i in group:
+            out[i] = self.prefill(params=params, padded_tokens=padded[i][0],
+                                  true_length=padded[i][1], sampling=samplings[i],
+                                  max_tokens=limits[i], stop_ids=stops[i])
+          continue
         if len(group) == 1:
           i = group[0]
           out[i] = self.prefill(params=params, padded_tokens=padded[i][0],
@@ -508,6 +541,12 @@ def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top
   last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=False)
   prefix = {'cache': cache, 'logits': last, 'pos': true_length}
   return _first_token(prefix, key, temperature, top_k, top_p)
+
+
+def _prefill_part(graphdef, params, tokens, start, cache):
+  """One chunk [1, C] of a prompt at positions start.. into its cache: (hidden [1, C, d], cache)."""
+  positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+  return nnx.merge(graphdef, params)(tokens, positions, cache=cache, return_hidden=True)
 
 
 def _prefill_rows(graphdef, params, tokens, lengths, keys, temperature, top_k, top_p):

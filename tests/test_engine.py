@@ -371,3 +371,31 @@ def test_from_workdir_quantizes_when_asked(tmp_path, repo_root):
                                max_prefill_length=16)
   assert any(leaf.dtype == jnp.int8 for leaf in jax.tree.leaves(engine.params))
   assert len(offline.generate(engine, [[5, 6, 7]], max_tokens=3)[0].tokens) >= 1
+
+
+def test_chunked_prefill_equals_one_shot_and_skips_the_padding(model):
+  # prefill_chunk=16: a 40-token prompt (bucket 64) prefills in 3 dispatches of 16 (the 4th
+  # chunk would be padding only), into the same cache and first token as one shot; greedy
+  # decoding from it equals full recompute.
+  chunked = Engine(model, max_concurrent_decodes=2, max_len=128, max_prefill_length=64,
+                   prefill_chunk=16)
+  whole = Engine(model, max_concurrent_decodes=2, max_len=128, max_prefill_length=64)
+  prompt = list(range(60, 100))
+  padded, n = chunked.pad_prompt(prompt)
+  starts = []
+  part = chunked._prefill_part
+  chunked._prefill_part = lambda p, t, start, c: starts.append(int(start)) or part(p, t, start, c)
+  sampling = SamplingParams(temperature=1.0, seed=11)
+  got = chunked.prefill(params=chunked.params, padded_tokens=padded, true_length=n,
+                        sampling=sampling)
+  want = whole.prefill(params=whole.params, padded_tokens=padded, true_length=n,
+                       sampling=sampling)
+  assert starts == [0, 16, 32]
+  assert int(got['token']) == int(want['token'])
+  np.testing.assert_allclose(got['logprob'], want['logprob'], atol=1e-5)
+  for a, b in zip(got['cache'], want['cache']):
+    np.testing.assert_allclose(a['k'][:, :n], b['k'][:, :n], atol=1e-5)
+    np.testing.assert_allclose(a['v'][:, :n], b['v'][:, :n], atol=1e-5)
+  done = offline.generate(chunked, [prompt, PROMPTS[0]], max_tokens=10)
+  assert done[0].tokens == _greedy_without_cache(model, prompt, 10)
+  assert done[1].tokens == _greedy_without_cache(model, PROMPTS[0], 10)

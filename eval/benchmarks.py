@@ -17,7 +17,8 @@ tokenised together and split where the prompt's own tokens end, as the harness d
 when the checkpoint's tokenizer adds one); `acc` takes the choice with the highest sum,
 `acc_norm` the highest sum per character of the continuation (OLMES's acc_per_char). `--limit=N`
 scores the first N items. Prints one JSON object (task -> acc, acc_norm, n, shots, split, source)
-and writes it to the workdir (eval_benchmarks.json). `--log_samples=FILE.jsonl` writes one line
+and writes it to the workdir (eval_benchmarks.json); `--all_steps` scores every checkpoint of the
+run, one JSON line per step (also in eval_benchmarks_steps.jsonl, which eval.compare plots). `--log_samples=FILE.jsonl` writes one line
 per item as the harness logs them: task, doc_id, the exact prompt, the choices' continuations,
 their summed log-likelihoods, pred and gold.
 """
@@ -187,29 +188,48 @@ def main():
   limit = flags.DEFINE_integer('limit', 0, 'Score the first N items of each task (0: all).')
   log_samples = flags.DEFINE_string('log_samples', '', 'Write one JSON line per item here.')
   step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+  all_steps = flags.DEFINE_bool('all_steps', False, 'Score every checkpoint of the run, oldest '
+                                'first; one line per step in eval_benchmarks_steps.jsonl.')
   batch_tokens = flags.DEFINE_integer('batch_tokens', 4096, 'Tokens per scoring batch.')
   dtype = entry.define_dtype_flag()
 
   def _main(argv):
     from data.tokenizer import load_tokenizer
-    from models.checkpoint import load_model
+    from models.checkpoint import Checkpointer, load_model
     loaded = {name: load_task(name, shots.value, limit.value) for name in tasks.value}
-    model, at = load_model(workdir.value, step=step.value, dtype=dtype.value)
-    scorer = Scorer(model, load_tokenizer(workdir.value), batch_tokens.value)
-    result, lines = {'step': at}, []
-    for name, task in loaded.items():
-      start = time.perf_counter()
-      metrics, samples = score_task(scorer, task)
-      result[name] = dict(metrics, shots=shots.value, split=task['split'], source=task['source'],
-                          seconds=round(time.perf_counter() - start, 1))
-      lines += [dict(s, task=name) for s in samples]
-    print(json.dumps(result))
+    tok = load_tokenizer(workdir.value)
+    steps = [step.value]
+    if all_steps.value:
+      ckpt = Checkpointer(os.path.join(workdir.value, 'checkpoints'), async_save=False)
+      steps = sorted(ckpt.manager.all_steps())
+      ckpt.close()
+      if not steps:
+        raise FileNotFoundError(f'no checkpoint under {workdir.value}/checkpoints')
+    per_step = []
+    for wanted in steps:
+      model, at = load_model(workdir.value, step=wanted, dtype=dtype.value)
+      scorer = Scorer(model, tok, batch_tokens.value)
+      result, lines = {'step': at}, []
+      for name, task in loaded.items():
+        start = time.perf_counter()
+        metrics, samples = score_task(scorer, task)
+        result[name] = dict(metrics, shots=shots.value, split=task['split'],
+                            source=task['source'], seconds=round(time.perf_counter() - start, 1))
+        lines += [dict(s, task=name, step=at) for s in samples]
+      print(json.dumps(result), flush=True)
+      per_step.append((result, lines))
+    result = per_step[-1][0]  # the newest step's, as without --all_steps
     with open(os.path.join(workdir.value, 'eval_benchmarks.json'), 'w') as f:
       json.dump(result, f, indent=2)
+    if all_steps.value:
+      with open(os.path.join(workdir.value, 'eval_benchmarks_steps.jsonl'), 'w') as f:
+        for r, _ in per_step:
+          f.write(json.dumps(r) + '\n')
     if log_samples.value:
       with open(log_samples.value, 'w') as f:
-        for line in lines:
-          f.write(json.dumps(line) + '\n')
+        for _, lines in per_step:
+          for line in lines:
+            f.write(json.dumps(line) + '\n')
   entry.run_main(_main)
 
 

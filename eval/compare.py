@@ -53,16 +53,24 @@ def summarize(workdir: str) -> dict:
 
 
 def curves(workdir: str) -> dict[str, tuple[list, list]]:
-  path = os.path.join(workdir, 'metrics.jsonl')
+  """Metric -> (steps, values): metrics.jsonl's, and the per-checkpoint evals of
+  eval_<name>_steps.jsonl (eval.benchmarks --all_steps) as '<name>.<key>'."""
   out = {}
-  if not os.path.exists(path):
-    return out
-  for record in read_metrics(path):
-    for k, v in record.items():
-      if k not in SKIP_CURVES and _is_number(v) and 'step' in record:
-        xs, ys = out.setdefault(k, ([], []))
-        xs.append(record['step'])
-        ys.append(v)
+
+  def add(records, prefix=''):
+    for record in records:
+      for k, v in flatten(record).items():
+        if k not in SKIP_CURVES and 'step' in record and not k.endswith('seconds') and \
+            not k.endswith('.n') and not k.endswith('.shots') and _is_number(v):
+          xs, ys = out.setdefault(prefix + k, ([], []))
+          xs.append(record['step'])
+          ys.append(v)
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path):
+    add(read_metrics(path))
+  for name in sorted(glob.glob(os.path.join(workdir, 'eval_*_steps.jsonl'))):
+    stem = os.path.basename(name)[len('eval_'):-len('_steps.jsonl')]
+    add(read_metrics(name), f'{stem}.')
   return out
 
 

@@ -99,3 +99,28 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
     assert set(line) >= {'task', 'doc_id', 'prompt', 'choices', 'loglikelihoods', 'pred', 'gold'}
     assert len(line['loglikelihoods']) == len(line['choices'])
     assert line['pred'] == int(np.argmax(line['loglikelihoods']))
+
+
+def test_all_steps_scores_every_checkpoint_and_compare_plots_the_curve(workdir, repo_root,
+                                                                       tmp_path):
+  import shutil
+  from flax import nnx
+  from eval import compare
+  from models import llama
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  ckpt = checkpoint.Checkpointer(os.path.join(run, 'checkpoints'), async_save=False)
+  cfg = checkpoint.load_model_config(run)
+  ckpt.save(5, nnx.state(llama.create_model(cfg, seed=9), nnx.Param))  # a second step
+  ckpt.close()
+  out = subprocess.run(
+      [sys.executable, '-m', 'eval.benchmarks', f'--workdir={run}', '--tasks=arc_easy',
+       '--limit=3', '--all_steps'], cwd=repo_root, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [json.loads(line) for line in open(os.path.join(run, 'eval_benchmarks_steps.jsonl'))]
+  assert [line['step'] for line in lines] == [0, 5]
+  assert json.load(open(os.path.join(run, 'eval_benchmarks.json')))['step'] == 5
+  assert lines[0]['arc_easy']['n'] == lines[1]['arc_easy']['n'] == 3
+  curves = compare.curves(run)
+  assert curves['benchmarks.arc_easy.acc'][0] == [0, 5]

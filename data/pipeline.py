@@ -106,16 +106,19 @@ def make_train_iterator(rows, *, batch_size: int, seed: int, shuffle: bool = Tru
   """An endless, checkpointable iterator over batches of `batch_size` rows (per process).
 
   `rows` is any random-access source of row dicts: `PackedRows` for pretraining, packed
-  conversations for SFT. Each process reads its own rows (every `process_count`-th one),
-  reshuffled every epoch; the same seed always gives the same batches.
+  conversations for SFT. The rows are shuffled as one sequence (reshuffled every epoch; the same
+  seed always gives the same order), cut into global batches of batch_size * process_count rows,
+  and each process reads its own consecutive batch_size of each: the global batches, and so the
+  training, are the same however many processes read them (process p's rows are the ones its
+  devices hold in the data-sharded global array).
   """
   if len(rows) < process_count:
     raise ValueError(f'{len(rows)} rows are too few to give each of {process_count} processes one')
-  ds = grain.MapDataset.source(rows)[process_index::process_count]
+  ds = grain.MapDataset.source(rows)
   if shuffle:
     ds = ds.shuffle(seed)
   # repeat() after shuffle() draws a new permutation for every epoch.
-  ds = ds.repeat().batch(batch_size, drop_remainder=True)
+  ds = ds.repeat().batch(batch_size, drop_remainder=True)[process_index::process_count]
   # Rows are cut from arrays already in memory: grain's default of 16 reader threads and a
   # 500-batch buffer only adds GIL contention, so read in this thread unless a buffer is asked for.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch_buffer_size else 0,
@@ -126,11 +129,14 @@ def make_train_iterator(rows, *, batch_size: int, seed: int, shuffle: bool = Tru
 
 
 def make_eval_batches(stream: TokenStream, *, seq_len: int, batch_size: int,
-                      max_batches: int) -> list[dict[str, np.ndarray]]:
-  """The first `max_batches` full batches of the stream, in order: the same every time."""
+                      max_batches: int, process_index: int = 0,
+                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first `max_batches` full global batches of the stream, in order: the same every time;
+  this process's batch_size rows of each (as make_train_iterator cuts them)."""
   rows = PackedRows(stream, seq_len)
-  if len(rows) < batch_size:
+  if len(rows) < batch_size * process_count:
     raise ValueError(f'the eval stream has {len(rows)} rows of seq_len={seq_len}, fewer than one '
-                     f'batch of batch_size={batch_size}')
+                     f'batch of batch_size={batch_size * process_count}')
   batches = grain.MapDataset.source(rows).batch(batch_size, drop_remainder=True)
-  return [batches[i] for i in range(min(max_batches, len(batches)))]
+  n = min(max_batches, len(batches) // process_count)
+  return [batches[i * process_count + process_index] for i in range(n)]

@@ -279,6 +279,24 @@ def test_train_iterator_is_seeded_and_reshuffles_every_epoch():
   assert row_ids(next(it) for _ in range(21)) == list(range(19)) + [0, 1]
 
 
+def test_processes_read_their_parts_of_the_same_global_batches():
+  # Two processes of batch 2 read, together, exactly the batches of 4 that one process reads:
+  # process 0 the first half of each, process 1 the second (as their devices hold them).
+  stream = hand_stream([10] * 8)
+  make = lambda **kw: pipeline.make_train_iterator(pipeline.PackedRows(stream, 4), seed=3, **kw)
+  one = make(batch_size=4)
+  p0, p1 = make(batch_size=2, process_index=0, process_count=2), make(
+      batch_size=2, process_index=1, process_count=2)
+  for _ in range(12):  # across epochs (19 rows)
+    assert row_ids([next(one)]) == row_ids([next(p0)]) + row_ids([next(p1)])
+  batches = [pipeline.make_eval_batches(stream, seq_len=4, batch_size=b, max_batches=2,
+                                        process_index=i, process_count=n)
+             for b, i, n in ((4, 0, 1), (2, 0, 2), (2, 1, 2))]
+  for whole, a, b in zip(*batches):
+    for k in whole:
+      np.testing.assert_array_equal(whole[k], np.concatenate([a[k], b[k]]))
+
+
 @pytest.mark.parametrize('prefetch_buffer_size', [0, 4])
 def test_train_iterator_resumes_exactly(prefetch_buffer_size):
   stream = hand_stream([7, 30, 12, 50, 3, 40])

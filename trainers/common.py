@@ -82,7 +82,11 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs=None):
 
 def write_workdir(config: ml_collections.ConfigDict, workdir: str, tokenizer,
                   model_cfg: presets.LlamaConfig):
-  """The resolved config, the model's architecture and the tokenizer, beside the checkpoints."""
+  """The resolved config, the model's architecture and the tokenizer, beside the checkpoints
+  (by the first process of a multi-process job; the others hold the same in memory)."""
+  from trainers.workdir import is_primary
+  if not is_primary():
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(json.loads(config.to_json_best_effort()), f, indent=2)

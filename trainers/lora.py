@@ -65,8 +65,9 @@ def prepare_model(config: ml_collections.ConfigDict, workdir: str, tokenizer, mo
 
 def write_workdir(config, workdir: str, tokenizer, model_cfg, adapter_spec):
   """common.write_workdir, plus lora.json for an adapter run (what readers merge by)."""
+  from trainers.workdir import is_primary
   common.write_workdir(config, workdir, tokenizer, model_cfg)
-  if adapter_spec is not None:
+  if adapter_spec is not None and is_primary():
     lora.save_spec(workdir, adapter_spec)
 
 

@@ -21,11 +21,16 @@ import tqdm
 class MetricsWriter:
 
   def __init__(self, workdir: str, *, start_step: int, total_steps: int):
+    from trainers.workdir import is_primary
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._truncate_after(start_step)
-    self._file = open(self.path, 'a')
-    self._tb = EventFileWriter(os.path.join(workdir, 'tb'))
-    self._live = sys.stderr.isatty()
+    # In a multi-process job only the first process writes (every process has the same metrics:
+    # they are computed from global arrays).
+    self._primary = is_primary()
+    if self._primary:
+      self._truncate_after(start_step)
+    self._file = open(self.path, 'a') if self._primary else None
+    self._tb = EventFileWriter(os.path.join(workdir, 'tb')) if self._primary else None
+    self._live = sys.stderr.isatty() and self._primary
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
                           mininterval=1.0, smoothing=0.1, disable=not self._live)
     self._total, self._start_step, self._start_time = total_steps, start_step, time.time()
@@ -45,6 +50,8 @@ class MetricsWriter:
       self._bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
 
   def write(self, step: int, metrics: dict):
+    if not self._primary:
+      return
     record = {'step': int(step), **{k: _py(v) for k, v in metrics.items()}}
     try:  # One write per record; a kill or a full disk can tear only the last line.
       self._file.write(json.dumps(record) + '\n')
@@ -68,8 +75,9 @@ class MetricsWriter:
 
   def close(self):
     self._bar.close()
-    self._file.close()
-    self._tb.close()
+    if self._primary:
+      self._file.close()
+      self._tb.close()
 
 
 def read_metrics(path: str) -> list[dict]:

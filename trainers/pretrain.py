@@ -61,7 +61,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   if len(data.eval.tokens) and config.train.eval_batches:
     eval_batches = pipeline.make_eval_batches(
         data.eval, seq_len=config.data.seq_len, batch_size=per_process,
-        max_batches=config.train.eval_batches)
+        max_batches=config.train.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
   common.write_workdir(config, workdir, data.tokenizer, model_cfg)
   model = common.initial_model(config, workdir, model_cfg, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))

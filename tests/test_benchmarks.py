@@ -85,7 +85,8 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
   log = tmp_path / 'samples.jsonl'
   out = subprocess.run(
       [sys.executable, '-m', 'eval.benchmarks', f'--workdir={workdir}',
-       '--tasks=arc_easy,piqa', '--limit=4', '--shots=0', f'--log_samples={log}'],
+       '--tasks=arc_easy,piqa,gsm8k', '--limit=4', '--shots=0', '--max_tokens=6',
+       f'--log_samples={log}'],
       cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
       timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -93,7 +94,14 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
   assert result == json.load(open(os.path.join(workdir, 'eval_benchmarks.json')))
   for name in ('arc_easy', 'piqa'):
     assert result[name]['n'] == 4 and 0 <= result[name]['acc'] <= 1 and result[name]['shots'] == 0
+  assert result['gsm8k']['n'] == 4 and 0 <= result['gsm8k']['exact_match'] <= 1
+  assert 'gsm_symbolic' in result['gsm8k']['note']  # the contamination warning
   lines = [json.loads(line) for line in open(log)]
+  generated = [line for line in lines if line['task'] == 'gsm8k']
+  assert len(generated) == 4 and all(
+      set(g) >= {'doc_id', 'prompt', 'output', 'extracted', 'gold', 'correct'} for g in generated)
+  assert generated[0]['prompt'].startswith('Question: Janet') and generated[0]['gold'] == '18'
+  lines = [line for line in lines if line['task'] != 'gsm8k']
   assert len(lines) == 8 and {line['task'] for line in lines} == {'arc_easy', 'piqa'}
   for line in lines:
     assert set(line) >= {'task', 'doc_id', 'prompt', 'choices', 'loglikelihoods', 'pred', 'gold'}
@@ -124,3 +132,24 @@ def test_all_steps_scores_every_checkpoint_and_compare_plots_the_curve(workdir, 
   assert lines[0]['arc_easy']['n'] == lines[1]['arc_easy']['n'] == 3
   curves = compare.curves(run)
   assert curves['benchmarks.arc_easy.acc'][0] == [0, 5]
+
+
+def test_generation_items_and_answer_extraction():
+  five = benchmarks.load_generation_task('gsm8k', 8, limit=2)  # the chain-of-thought 8 shots
+  zero = benchmarks.load_generation_task('gsm8k', 0, limit=2)
+  assert five['split'] == 'test' and [d['gold'] for d in zero['docs']][0] == '18'
+  assert five['docs'][0]['prompt'].count('Question: ') == 9
+  assert five['docs'][0]['prompt'].endswith(zero['docs'][0]['prompt'])
+  math = benchmarks.load_generation_task('math500', 0, limit=1)
+  # The gold is the reference solution's last \boxed{}, not the damaged `answer` field.
+  assert math['docs'][0]['gold'] == '\\left( 3, \\frac{\\pi}{2} \\right)'
+  assert math['docs'][0]['prompt'].startswith('Problem:\n')
+  with pytest.raises(ValueError, match='math500 has 0-shot prompts'):
+    benchmarks.load_generation_task('math500', 5)
+  with pytest.raises(ValueError, match='gsm8k has 0 or 8-shot prompts'):
+    benchmarks.load_generation_task('gsm8k', 5)
+  assert benchmarks.extract('gsm8k', '2 + 3 = 5. So the answer is 5.') == '5'
+  assert benchmarks.extract('gsm8k', 'She has 1,234 eggs.') == '1,234'
+  assert benchmarks.extract('gsm8k', 'no idea') is None
+  assert benchmarks.extract('math500', 'so \\boxed{\\frac{1}{2}}.') == '\\frac{1}{2}'
+  assert benchmarks.extract('math500', 'so 12') is None

@@ -14,7 +14,7 @@ FLAGS = ['--config=configs/pretrain.py:tiny', '--config.model.dtype=float32',
          '--config.mesh.data=-1', '--config.train.batch_size=8', '--config.train.steps=6',
          '--config.train.log_every=1', '--config.train.eval_every=3',
          '--config.train.eval_batches=2', '--config.train.checkpoint_every=3',
-         '--config.data.max_chars=120000', '--config.tokenizer.vocab_size=512']
+         '--config.data.max_chars=60000', '--config.tokenizer.vocab_size=512']
 
 
 def _env(devices):

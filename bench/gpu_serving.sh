@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 10's engine goal on the GPU machine, prepared for a session that has one (run through the
+# device tool from the repository root; about 6 minutes on an H200):
+#   bash bench/gpu_serving.sh
+# 374m in bf16, 128-token prompts, 256 new tokens, a 1024-token cache; `ours` (the engine before
+# issue 10), `many` (multi-step decode, filled-span attention, batched prefill) and HF `generate`
+# side by side at 1 and 64 concurrent requests, then `many` with int8 weights. Results go to
+# $OUT/serving.txt; copy the table into bench/RESULTS.md with the date and device.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+OUT=${OUT:-/tmp}
+if [ -d .whl ]; then  # pure-Python wheels the machine lacks (grain, ml-collections, qwix, ...)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/serving.txt"
+timeout 420 python3 -m bench.serve_throughput --presets=374m --prompt=128 --new=256 \
+  --max_len=1024 --dtype=bfloat16 --concurrency=1,64 --repeat=2 --copy_rate=4.3e12 \
+  --sides=ours,many,hf 2>&1 | tee -a "$OUT/serving.txt"
+timeout 150 python3 -m bench.serve_throughput --presets=374m --prompt=128 --new=256 \
+  --max_len=1024 --dtype=bfloat16 --concurrency=1,64 --repeat=2 --copy_rate=4.3e12 \
+  --sides=many --quantize=int8 2>&1 | tee -a "$OUT/serving.txt"

@@ -74,13 +74,26 @@ def curves(workdir: str) -> dict[str, tuple[list, list]]:
   return out
 
 
-def table(rows: list[dict]) -> tuple[list[str], str]:
-  columns = ['run'] + sorted({k for r in rows for k in r} - {'run'},
-                             key=lambda k: (k != 'step', '.' in k, k))
+def table(rows: list[dict], columns: list[str] | None = None) -> tuple[list[str], str]:
+  """(columns, Markdown table) of the rows; columns default to run, step, metrics, eval numbers."""
+  columns = columns or ['run'] + sorted({k for r in rows for k in r} - {'run'},
+                                        key=lambda k: (k != 'step', '.' in k, k))
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   for r in rows:
     lines.append('| ' + ' | '.join(_fmt(r.get(c)) for c in columns) + ' |')
   return columns, '\n'.join(lines)
+
+
+def write_table(rows: list[dict], path_stem: str, columns: list[str] | None = None) -> str:
+  """The table as PATH_STEM.md and PATH_STEM.csv; returns the Markdown."""
+  columns, markdown = table(rows, columns)
+  with open(path_stem + '.md', 'w') as f:
+    f.write(markdown + '\n')
+  with open(path_stem + '.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  return markdown
 
 
 def plot(workdirs: list[str], out: str, metrics: list[str] | None = None) -> list[str]:
@@ -118,13 +131,7 @@ def compare(workdirs: list[str], out: str, metrics: list[str] | None = None) -> 
     raise ValueError('no workdirs to compare')
   rows = [summarize(w) for w in workdirs]
   os.makedirs(out, exist_ok=True)
-  columns, markdown = table(rows)
-  with open(os.path.join(out, 'compare.md'), 'w') as f:
-    f.write(markdown + '\n')
-  with open(os.path.join(out, 'compare.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  markdown = write_table(rows, os.path.join(out, 'compare'))
   return {'rows': rows, 'markdown': markdown, 'plots': plot(workdirs, out, metrics)}
 
 

@@ -17,7 +17,6 @@ metrics, wall time) printed and written as WORKDIR/results.md and results.csv, a
 plots of the points' curves in WORKDIR/plots/. (One point per Cloud TPU VM is launch.tpu's job;
 this tool runs points on the machine it runs on.)
 """
-import csv
 import importlib.util
 import itertools
 import json
@@ -147,16 +146,8 @@ def results(sweep_dir: str, todo) -> list[dict]:
     row.update({k: v for k, v in summary.items() if k.startswith('eval_') or '.' in k})
     row['wall_s'] = round(record['wall_s'], 1) if record else None
     rows.append(row)
-  columns = list(dict.fromkeys(k for r in rows for k in r))
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(compare._fmt(r.get(c)) for c in columns) + ' |' for r in rows]
-  markdown = '\n'.join(lines)
-  with open(os.path.join(sweep_dir, 'results.md'), 'w') as f:
-    f.write(markdown + '\n')
-  with open(os.path.join(sweep_dir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  markdown = compare.write_table(rows, os.path.join(sweep_dir, 'results'),
+                                 list(dict.fromkeys(k for r in rows for k in r)))
   workdirs = [w for _, w, _ in todo if os.path.isdir(w)]
   plots_dir = os.path.join(sweep_dir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)

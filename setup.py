@@ -59,8 +59,9 @@ setup(
     extras_require={
         # torch 2.13.0 CPU is on these machines' disk; the tests compare against transformers'
         # Llama / Qwen2 and talk to the server through the official openai client.
-        # (importlib_resources: TFDS needs it to build the test's local dataset.)
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "transformers>=4.50,<6",
+        # (importlib_resources: TFDS needs it to build the test's local dataset; pytest-xdist:
+        # `make test` runs two workers, one a core, a test file each at a time.)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5,<4", "torch==2.13.0", "transformers>=4.50,<6",
                  "openai>=1.50", "importlib_resources>=6",
                  # transformers' own GGUF reader (the SmolLM2 reference in test_import_export).
                  "accelerate>=1.0,<2",

@@ -76,7 +76,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(pretrained, lora_run):
   merged, step = checkpoint.load_model(workdir, dtype='float32')
   assert step == 20 and not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 24)), jnp.int32)
-  np.testing.assert_allclose(merged(tokens), result.model(tokens), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(merged(tokens), result.model(tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_resumed_lora_run_reproduces_the_uninterrupted_one(pretrained, lora_run, tmp_path):

@@ -78,7 +78,7 @@ def test_lora_dpo_starts_at_the_reference_and_saves_adapters_only(tiny_sft_workd
   _assert_base_untouched(result.model, tiny_sft_workdir)
   merged, _ = checkpoint.load_model(workdir, dtype='float32')
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 24)), jnp.int32)
-  np.testing.assert_allclose(merged(tokens), result.model(tokens), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(merged(tokens), result.model(tokens), atol=1e-5, rtol=1e-5)
   assert not np.allclose(merged(tokens), checkpoint.load_model(tiny_sft_workdir,
                                                                dtype='float32')[0](tokens))
 
@@ -97,7 +97,7 @@ def test_lora_ppo_trains_policy_adapters_beside_a_full_critic(tiny_sft_workdir, 
   _assert_base_untouched(result.model, tiny_sft_workdir)
   merged, _ = checkpoint.load_model(workdir, dtype='float32')
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 24)), jnp.int32)
-  np.testing.assert_allclose(merged(tokens), result.model(tokens), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(merged(tokens), result.model(tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_lora_configs_give_every_stage_adapters():

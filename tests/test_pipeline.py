@@ -3,8 +3,12 @@ workdir, and the report and table carry what each stage measured."""
 import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
+
 from configs import pipeline as pipeline_config
 from launch import pipeline
+from models import checkpoint
 
 
 def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
@@ -28,9 +32,15 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
   assert report['reward']['steps'] == config.reward.train.steps
   assert 0 <= report['reward']['accuracy'] <= 1
   assert report['dpo_pairs']['pairs'] > 0  # DPO trained on the SFT model's own answers.
+  sft_model, _ = checkpoint.load_model(str(tmp_path / 'sft'), dtype='float32')
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (1, 16)), jnp.int32)
+  sft_logits = np.asarray(sft_model(tokens))
   for stage in ('ppo', 'dpo'):
     assert report[stage]['steps'] == config[stage].train.steps
     assert report[stage]['accuracy_before'] == report['reward']['sft_policy']['accuracy']
-    assert report[stage]['score_after'] != report[stage]['score_before']  # the policy moved
+    # The policy moved: its saved weights give other logits than the SFT model's (two tiny
+    # steps need not change a greedy answer, so the reward-model score may stay put).
+    moved, _ = checkpoint.load_model(str(tmp_path / stage), dtype='float32')
+    assert np.abs(np.asarray(moved(tokens)) - sft_logits).max() > 1e-6, stage
   assert 'held-out perplexity' in out and 'exact-match accuracy' in out and 'grpo' in out
   assert 'held-out pair accuracy' in out and 'reward-model score' in out

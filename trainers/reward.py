@@ -38,6 +38,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   if config.reward.pooling not in reward.POOLINGS:
     raise ValueError(f'reward.pooling={config.reward.pooling!r}: expected one of '
                      f'{reward.POOLINGS}')
+  if config.reward.likelihood < 0:
+    raise ValueError(f'reward.likelihood={config.reward.likelihood}: the start weight of the '
+                     'response\'s mean token log-probability must be >= 0 (0 = not read)')
   if not config.init_from:
     raise ValueError('A reward model starts from a fine-tuned model: set '
                      '--config.init_from=WORKDIR')
@@ -61,9 +64,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
                                     max_batches=config.train.eval_batches)
   # With adapters (trainers/lora.py): the backbone's adapters and the head train, nothing else.
   backbone, spec = adapters.prepare_model(config, workdir, tokenizer, model_cfg, mesh)
-  reward.write_marker(workdir, config.reward.head_init_std, config.reward.pooling)
+  reward.write_marker(workdir, config.reward.head_init_std, config.reward.pooling,
+                      config.reward.likelihood)
   model = reward.new_reward_model(backbone, mesh, head_init_std=config.reward.head_init_std,
-                                  pooling=config.reward.pooling, seed=config.seed)
+                                  pooling=config.reward.pooling,
+                                  likelihood=config.reward.likelihood, seed=config.seed)
   trainable = adapters.trainable(spec, with_head=True)
   print('Reward ' + adapters.describe(model, trainable, model_cfg, spec).lower())
   return loop.train(config, workdir, model, adapters.wrap_loss(loss_fn, spec), train_iter,

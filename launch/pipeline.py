@@ -183,16 +183,16 @@ def _preference_stages(config, workdir: str, sft_dir: str,
   c = config.reward
   result, seconds = _train_stage(reward, c, rm_dir, sft_dir)
   acc = evaluate_reward_accuracy(rm_dir)
-  first = read_metrics(os.path.join(rm_dir, 'metrics.jsonl'))[0]
+  start = read_metrics(os.path.join(rm_dir, 'metrics.jsonl'))[0]  # The step-0 eval.
   report['reward'] = {'steps': result.step, 'seconds': seconds, 'accuracy': acc['accuracy'],
-                      'margin': acc['margin'], 'pairs': acc['pairs']}
+                      'accuracy_start': start['eval_accuracy'], 'margin': acc['margin'],
+                      'pairs': acc['pairs']}
   kind = f'LoRA rank {c.lora.rank}' if c.lora.rank else 'full'
+  reads = 'head + likelihood' if c.reward.likelihood else 'head'
   rows += [('reward', 'pairs', f'{c.data.source}: correct vs corrupted solutions, {kind}, '
-                               f'{result.step} steps'),
-           ('reward', 'held-out pair accuracy', f'0.50 (zero head) -> {acc["accuracy"]:.2f} '
-                                                f'({acc["pairs"]} pairs; train '
-                                                f'{first["accuracy"]:.2f} at step '
-                                                f'{first["step"]})'),
+                               f'{reads}, {result.step} steps'),
+           ('reward', 'held-out pair accuracy', f'{start["eval_accuracy"]:.2f} (step 0) -> '
+                                                f'{acc["accuracy"]:.2f} ({acc["pairs"]} pairs)'),
            ('reward', 'wall time', f'{seconds:.0f} s')]
   sft_score = score_policy(rm_dir, sft_dir)
   report['reward']['sft_policy'] = sft_score

@@ -84,6 +84,9 @@ def test_reward_model_with_likelihood_trains_reloads_and_scores_rollouts_alike(
   config.reward.likelihood = 1.0
   config.train.steps = 20
   result = reward_trainer.run(config, run)
+  # Step 0 already ranks by the fine-tuned model's likelihood of each response.
+  start = read_metrics(run)[0]
+  assert start['step'] == 0 and start['eval_accuracy'] != 0.5 and start['eval_margin'] != 0
   weight = float(result.model.likelihood_weight[...])
   assert weight != 1.0  # Learned, not a constant.
   loaded, _ = reward.load_reward_model(run)
@@ -121,7 +124,9 @@ def test_reward_model_learns_and_reloads(tiny_reward_run, tmp_path):
   records = read_metrics(run)
   last = records[-1]
   assert last['step'] == config.train.steps and 'eval_perplexity' not in last
-  # Held-out accuracy starts at 0.5 (zero head: every margin is 0); measured 0.64, margin 0.081.
+  # Held-out accuracy starts at 0.5 (zero head: every margin is 0), written as step 0;
+  # measured 0.64, margin 0.081.
+  assert records[0]['step'] == 0 and records[0]['eval_accuracy'] == 0.5, records[0]
   assert last['eval_accuracy'] >= 0.56 and last['eval_margin'] > 0.03, last
 
   # The reloaded model scores held-out pairs exactly as the trained one does.

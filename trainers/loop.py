@@ -175,12 +175,14 @@ def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
 def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
           train_iter: Iterator[dict], eval_batches: list[dict] | None, *, mesh, rules,
           trainable: Any = nnx.Param, extra_meta: dict | None = None,
-          token_loss: bool = True) -> Result:
+          token_loss: bool = True, eval_at_start: bool = False) -> Result:
   """Trains `model` in place of its `trainable` variables for config.train.steps steps.
 
   Resumes from the newest checkpoint in workdir/checkpoints if there is one (model, optimizer and
   data iterator), so running the same command again continues the run exactly. token_loss says
   the loss is a mean token cross-entropy, so exp(eval_loss) is reported as eval_perplexity.
+  eval_at_start: a fresh run also writes the held-out eval of its starting point as step 0 (the
+  origin of its curve, where that is not known in advance).
   """
   t = config.train
   if t.batch_size % t.grad_accum:
@@ -230,6 +232,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
   meta = {'seed': config.seed, **(extra_meta or {})}  # The step RNG is fold_in(key(seed), step).
   last_metrics, step, stop_reason = {}, start, None
   window_start, window_tokens = None, 0
+  if start == 0 and eval_at_start and eval_batches:
+    writer.write(0, evaluate(params))
   try:
     with Preemption() as preemption:
       while step < t.steps:

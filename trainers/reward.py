@@ -73,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   print('Reward ' + adapters.describe(model, trainable, model_cfg, spec).lower())
   return loop.train(config, workdir, model, adapters.wrap_loss(loss_fn, spec), train_iter,
                     held_out_batches, mesh=mesh, rules=config.sharding_rules, token_loss=False,
-                    trainable=trainable)
+                    trainable=trainable, eval_at_start=True)
 
 
 if __name__ == '__main__':

@@ -15,13 +15,14 @@ configs/lora.py; QLoRA: also lora.weight_qtype='nf4').
 Presets (the `:arg`):
   tiny   tests: from a tiny SFT run, 8 prompts x 4 completions of up to 48 tokens per step,
          full parameters; about 0.35 s a step on 2 CPU cores.
-  small  the CPU demo (make demo): from the demo's SFT model on its arithmetic task, 30 steps of
-         8 prompts x 8 completions, LoRA rank 4 at lr 2e-3; about 100 s with its evals on 2 CPU
-         cores (2026-12-01), 2.4 s a step (generation 26%, log-probs 25%, updates 49%).
-         Held-out accuracy 23% -> 26% (within the 4-point noise of 100 problems). Full-parameter
-         GRPO lowered it at every learning rate tried (3e-4: 23% -> 13% in 40 steps; 1e-3:
-         -> 6%), and LoRA rank 4 at 2e-3 is the only setting that never lost accuracy; the
-         25 runs and their controls are in bench/RESULTS.md.
+  small  the CPU demo (make demo): from the demo's SFT model on its arithmetic task, 60 steps of
+         8 prompts x 8 completions, LoRA rank 4 at lr 5e-4; about 3.5 minutes with its evals on
+         2 cores of an AMD EPYC, 3 s a step. From an SFT model at 43% held-out exact match
+         (2026-12-02): 45, 48, 52, 51, 52, 51, 54, 54% at steps 10 to 80, the gentlest of the
+         settings tried and the only one still rising at 80 steps (lr 2e-3: 48% at step 10, then
+         45-47%; full parameters at 3e-5: 50% at 40, at 5e-5 43-52% without a trend, at 1e-4
+         down to 35%). The issue's +15 points are not reached in the demo's budget: the model's
+         mistakes are arithmetic facts, learned a few prompts at a time (bench/RESULTS.md).
   gpu    a GPU shape (not yet measured): gsm_symbolic from an imported or SFT model, 16 prompts x
          16 completions of up to 512 tokens, bf16.
 """
@@ -33,7 +34,7 @@ from configs.base import base_config, rl_config, rl_schedule
 _PRESETS = {
     'tiny': dict(steps=40, batch=32, group=4, completion=48, lr=1e-3, warmup=2, eval_every=20,
                  eval_problems=32),
-    'small': dict(steps=30, batch=64, group=8, completion=40, lr=2e-3, warmup=5, eval_every=10,
+    'small': dict(steps=60, batch=64, group=8, completion=40, lr=5e-4, warmup=5, eval_every=20,
                   lora_rank=4),
     'gpu': dict(steps=200, batch=256, group=16, completion=512, lr=1e-6, warmup=10,
                 eval_every=50),

@@ -23,6 +23,9 @@ Presets (the `:arg`):
          The reward model alone lowered exact match at every setting tried (full parameters at
          lr 1e-5: 23% -> 17%; LoRA at 1e-3 even with the accuracy reward: -> 13%) while its
          score rose: a 0.61-accurate reward model is exploited (bench/RESULTS.md).
+         With the reward model that reads the SFT model's likelihood (0.95 on held-out pairs)
+         and the 43% SFT model of 2026-12-02: 43% -> 43%, the score of greedy answers (their
+         mean log-probability, near 0) -0.01 -> -0.01, per-token KL 0.004, 151 s in make demo.
 """
 import ml_collections
 

@@ -82,7 +82,7 @@ def test_reward_model_with_likelihood_trains_reloads_and_scores_rollouts_alike(
   run = str(tmp_path / 'rm')
   config = tiny_config(reward_config, init_from=tiny_sft_workdir)
   config.reward.likelihood = 1.0
-  config.train.steps = 20
+  config.train.steps = 8
   result = reward_trainer.run(config, run)
   # Step 0 already ranks by the fine-tuned model's likelihood of each response.
   start = read_metrics(run)[0]

@@ -27,7 +27,8 @@ demo: install
 
 # Two workers (pytest-xdist), one a core; --dist loadfile keeps each file's tests, and the
 # workdirs their module fixtures share, on one worker: 17 minutes on 2 cores instead of 22
-# (2026-12-02, 317 tests; 19 minutes for 339 later that day).
+# (2026-12-02, 317 tests; 19 minutes for 339 later that day, 14 with tests/conftest.py's
+# one-thread-per-worker XLA and shared compilation cache, 2026-12-03).
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile

@@ -1,5 +1,6 @@
 """The absl entry point every command shares (`python -m trainers.*`, `eval.*`, `launch.*`, ...)."""
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -35,7 +36,28 @@ def run_main(main):
       # `finally`).
       os._exit(2)
 
-  app.run(quiet_main)
+  app.run(quiet_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's parser, with an override of a key the config does not have (`--config.data.sourc=x`)
+  reported as one line naming the flag instead of ml_collections' chained KeyError traceback.
+  Exit status 1, as for absl's own flag errors."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = str(e)
+    found = re.search(r"'([A-Za-z0-9_]+)", message)
+    if not found:
+      raise
+    key = found.group(1)
+    hint = re.search(r'Did you mean "([^"]+)"', message)
+    flag = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.')
+                 and key in a.split('=')[0].split('.')[1:]), '--config.' + key)
+    spec = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), 'the config')
+    sys.stderr.write(f'FATAL Flags parsing error: {flag}: {key!r} is not a key of {spec}'
+                     + (f' (did you mean {hint.group(1)!r}?)' if hint else '') + '\n')
+    sys.exit(1)
 
 
 _default_unraisablehook = sys.unraisablehook

@@ -16,16 +16,20 @@ Presets (the `:arg`):
   tiny   tests: from a tiny SFT run, 8 prompts x 4 completions of up to 48 tokens per step,
          full parameters; about 0.35 s a step on 2 CPU cores.
   small  the CPU demo (make demo): from the demo's SFT model on its arithmetic task, 60 steps of
-         8 prompts x 8 completions, LoRA rank 4 at lr 5e-4; about 3.5 minutes with its evals on
-         2 cores of an AMD EPYC, 3 s a step. From an SFT model at 43% held-out exact match
-         (2026-12-02): 45, 48, 52, 51, 52, 51, 54, 54% at steps 10 to 80, the gentlest of the
-         settings tried and the only one still rising at 80 steps (lr 2e-3: 48% at step 10, then
-         45-47%; full parameters at 3e-5: 50% at 40, at 5e-5 43-52% without a trend, at 1e-4
-         down to 35%). The issue's +15 points are not reached in the demo's budget: the model's
-         mistakes are arithmetic facts, learned a few prompts at a time. Sampled accuracy on the
-         training prompts stays flat over 60 steps unless prompts repeat (39 prompts: 0.39 ->
-         0.61 in 40 steps, held out unchanged), so the gain is sharpening (bench/RESULTS.md,
-         2026-12-03: temperature, dynamic sampling, minibatches, batch and rank all tried).
+         8 prompts x 8 completions, LoRA rank 4 at lr 5e-4; about 4 minutes with its evals on
+         2 cores of an AMD EPYC, 3.3 s a step. The demo's SFT data is half bare answers
+         (configs/pipeline.py), so its SFT model shows its working on about a quarter of the
+         problems and gets 17% right; GRPO teaches it to work every sum out: 17 -> 40, 34, 39%
+         at steps 20, 40, 60 and 26% -> 100% of answers showing working (2026-12-03). From SFT
+         models trained on more worked solutions the gain is smaller: 60% worked, 29 -> 31%;
+         70%, 42 -> 39%; all worked, 43 -> 51% (45, 48, 52, 51, 52, 51, 54, 54% at steps 10 to
+         80, the gentlest of the settings tried: lr 2e-3 gave 48% at step 10, then 45-47%; full
+         parameters at 3e-5 50% at 40, at 5e-5 43-52% without a trend, at 1e-4 down to 35%).
+         There the remaining mistakes are arithmetic facts, learned a few prompts at a time:
+         sampled accuracy on the training prompts stays flat over 60 steps unless prompts repeat
+         (39 prompts: 0.39 -> 0.61 in 40 steps, held out unchanged), so the gain is sharpening
+         (bench/RESULTS.md, 2026-12-03: temperature, dynamic sampling, minibatches, batch and
+         rank all tried).
   gpu    a GPU shape (not yet measured): gsm_symbolic from an imported or SFT model, 16 prompts x
          16 completions of up to 512 tokens, bf16.
 """

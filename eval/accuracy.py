@@ -15,9 +15,10 @@ an answer counts as correct when its final answer (after the last `#### `, or th
 
 Reports `accuracy` (greedy); with --samples=k also `sample_accuracy` (the mean over k samples at
 --temperature), `pass@k` (some sample right) and `maj@k` (the most frequent final answer right,
-a tie going to the answer reached first). For built-in tasks also `eval_loss`, the masked
-cross-entropy of the held-out reference conversations. JSON on stdout and in the workdir
-(eval_accuracy.json, or eval_accuracy_<file stem>.json with --data).
+a tie going to the answer reached first), and `format_rate`, the share of greedy answers that show
+working before a last line `#### N` (data/rewards.format_reward). For built-in tasks also
+`eval_loss`, the masked cross-entropy of the held-out reference conversations. JSON on stdout
+and in the workdir (eval_accuracy.json, or eval_accuracy_<file stem>.json with --data).
 
 Works on any workdir with a tokenizer: an SFT, LoRA or GRPO run, or a pretrained one (pass
 --task_from= an SFT workdir, or rely on the default problems, to measure its baseline).
@@ -136,12 +137,16 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
     raise ValueError(f'{data or config.data.source}: no problems to score')
   answer = Answerer(model, tokenizer, problems, config.eval.max_new_tokens,
                     batch_size=batch_size)
-  _, greedy = answer()
+  outs, greedy = answer()
   right = [rewards.answers_match(rewards.extract_answer(text), p['answer'])
            for text, p in zip(greedy, problems)]
+  # The share of greedy answers in the trained shape (working, then `#### N`, ended by the model):
+  # what the RL stages' format reward checks, and how a mixed-format SFT model's answers change.
+  formatted = rewards.format_reward([p['prompt'] for p in problems], greedy,
+                                    truncated=[o.finish_reason == 'length' for o in outs])
   result = {'workdir': workdir, 'step': int(step), 'dtype': model.cfg.dtype,
             'source': data or config.data.source, 'problems': len(problems),
-            'accuracy': float(np.mean(right))}
+            'accuracy': float(np.mean(right)), 'format_rate': float(np.mean(formatted))}
   if samples:
     _, texts = answer(n=samples, sampling=SamplingParams(temperature=temperature, seed=seed))
     answers = [[rewards.extract_answer(t) for t in texts[i * samples:(i + 1) * samples]]

@@ -131,13 +131,15 @@ def _sft_stage(config, workdir: str, pre_dir: str, report: dict) -> list[tuple[s
   before = evaluate_accuracy(pre_dir, task_from=sft_dir)  # The same problems, pretrained model.
   after = evaluate_accuracy(sft_dir)
   report['sft'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
-                   'accuracy_after': after['accuracy'], 'eval_loss_before': before['eval_loss'],
+                   'accuracy_after': after['accuracy'], 'format_rate': after['format_rate'],
+                   'eval_loss_before': before['eval_loss'],
                    'eval_loss_after': after['eval_loss'], 'samples': after['samples']}
   kind = f'LoRA rank {config.sft.lora.rank}' if config.sft.lora.rank else 'full'
   return [('sft', 'task', f'{config.sft.data.source} ({after["problems"]} held-out problems), '
                           f'{kind}, {result.step} steps'),
           ('sft', 'exact-match accuracy', f'{before["accuracy"]:.0%} (pretrained) -> '
                                           f'{after["accuracy"]:.0%}'),
+          ('sft', 'answers showing working', f'{after["format_rate"]:.0%} (greedy)'),
           ('sft', 'held-out answer loss', f'{before["eval_loss"]:.2f} -> {after["eval_loss"]:.2f}'),
           ('sft', 'wall time', f'{seconds:.0f} s')]
 
@@ -155,6 +157,8 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
   split = {k: mean(records, f'time_{k}_s') for k in ('generate', 'logprobs', 'update', 'step')}
   report['grpo'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
                     'accuracy_after': after['accuracy'],
+                    'format_rate_before': before['format_rate'],
+                    'format_rate_after': after['format_rate'],
                     'reward_first': mean(records[:n], 'reward_mean'),
                     'reward_last': mean(records[-n:], 'reward_mean'),
                     'time_split': split, 'samples': after['samples']}
@@ -166,6 +170,8 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
                            f'{kind}, loss {c.grpo.loss_type}'),
           ('grpo', 'exact-match accuracy', f'{g["accuracy_before"]:.0%} (SFT) -> '
                                            f'{g["accuracy_after"]:.0%}'),
+          ('grpo', 'answers showing working', f'{g["format_rate_before"]:.0%} (SFT) -> '
+                                              f'{g["format_rate_after"]:.0%}'),
           ('grpo', 'mean reward', f'{g["reward_first"]:.2f} (first {n} steps) -> '
                                   f'{g["reward_last"]:.2f} (last {n})'),
           ('grpo', 'step time split', f'generation {pct("generate")}, log-probs '

@@ -130,3 +130,22 @@ def test_generated_held_out_problems_are_never_trained_on():
   assert sft_sources.load_sft_examples(data, seed=0) == (train, held_out)  # Deterministic.
   e = train[0]
   assert sft_sources.final_answer(e['messages'][1]['content']) == e['answer']
+
+
+def test_worked_fraction_strips_the_working_from_a_seeded_share_of_training_solutions():
+  import ml_collections
+  data = ml_collections.ConfigDict(dict(source='basic_arithmetic', num_terms=(3, 3),
+                                        num_digits=(1, 1), operators=('+', '-'),
+                                        num_examples=400, eval_examples=40, eval_fraction=0.0,
+                                        worked_fraction=1.0))
+  worked, held_out = sft_sources.load_sft_examples(data, seed=0)
+  data.worked_fraction = 0.5
+  mixed, mixed_held_out = sft_sources.load_sft_examples(data, seed=0)
+  assert mixed_held_out == held_out  # Held-out references keep their working.
+  assert [e['answer'] for e in mixed] == [e['answer'] for e in worked]
+  bare = [m for m, w in zip(mixed, worked) if m != w]
+  assert 0.4 < len(bare) / len(mixed) < 0.6, len(bare)
+  for e in bare:  # The same problem, its solution only the final answer line.
+    assert e['messages'][1]['content'] == f'#### {e["answer"]}'
+  assert all('\n' in e['messages'][1]['content'] for e in mixed if e not in bare)
+  assert sft_sources.load_sft_examples(data, seed=0) == (mixed, held_out)  # Seeded.

@@ -29,6 +29,8 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
     assert json.load(f)['eval']['perplexity'] == report['eval']['perplexity']
   assert report['grpo']['steps'] == config.grpo.train.steps
   assert 0 <= report['grpo']['accuracy_after'] <= 1
+  assert report['grpo']['format_rate_before'] == report['sft']['format_rate']
+  assert 0 <= report['grpo']['format_rate_after'] <= 1
   assert report['reward']['steps'] == config.reward.train.steps
   assert 0 <= report['reward']['accuracy'] <= 1
   assert report['dpo_pairs']['pairs'] > 0  # DPO trained on the SFT model's own answers.
@@ -43,4 +45,5 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
     moved, _ = checkpoint.load_model(str(tmp_path / stage), dtype='float32')
     assert np.abs(np.asarray(moved(tokens)) - sft_logits).max() > 1e-6, stage
   assert 'held-out perplexity' in out and 'exact-match accuracy' in out and 'grpo' in out
+  assert 'answers showing working' in out
   assert 'held-out pair accuracy' in out and 'reward-model score' in out

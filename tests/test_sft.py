@@ -34,4 +34,7 @@ def test_sft_raises_held_out_accuracy(tmp_path):
   assert os.path.exists(os.path.join(run, 'eval_accuracy.json'))
   assert after['problems'] == before['problems'] == 100
   assert before['accuracy'] <= 0.02 and after['accuracy'] >= 0.15, (before, after)
+  # The fine-tuned model answers in the trained shape (working, then `#### N`); the pretrained
+  # one does not.
+  assert before['format_rate'] <= 0.02 and after['format_rate'] >= 0.5, (before, after)
   assert after['eval_loss'] < 0.2 * before['eval_loss']

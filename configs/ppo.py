@@ -26,6 +26,8 @@ Presets (the `:arg`):
          With the reward model that reads the SFT model's likelihood (0.95 on held-out pairs)
          and the 43% SFT model of 2026-12-02: 43% -> 43%, the score of greedy answers (their
          mean log-probability, near 0) -0.01 -> -0.01, per-token KL 0.004, 151 s in make demo.
+         From the demo's SFT model trained on half bare answers (17%, 2026-12-03): 17% -> 40%,
+         score -0.25 -> -0.07, KL 0.014, 134 s: the policy learns to show its working.
 """
 import ml_collections
 

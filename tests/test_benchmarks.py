@@ -81,6 +81,48 @@ def test_acc_and_acc_norm_pick_by_sum_and_by_sum_per_character():
   assert samples[0]['loglikelihoods'] == [-2.0, -6.0] and samples[0]['prompt'] == 'q'
 
 
+def test_piqa_zero_shot_is_the_harness_prompt_and_five_shot_the_olmes_one():
+  zero = benchmarks.load_task('piqa', 0, limit=2)['docs']
+  five = benchmarks.load_task('piqa', 5, limit=2)['docs']
+  assert zero[0]['prompts'][0] == ("Question: How do I ready a guinea pig cage for it's new "
+                                   "occupants?\nAnswer:")
+  assert len(zero[0]['continuations']) == 2 and zero[0]['continuations'] == five[0][
+      'continuations']
+  assert five[0]['prompts'][0].count('Goal: ') == 6  # OLMES's own 5-shot prompt, unchanged
+
+
+def test_lighteval_style_renders_the_smollm2_model_card_tasks():
+  for name in ('arc_easy', 'piqa'):  # the same prompts as the harness's
+    harness, light = (benchmarks.load_task(name, 0, limit=3, style=s)['docs']
+                      for s in benchmarks.STYLES)
+    assert [d['prompts'] for d in harness] == [d['prompts'] for d in light]
+  harness, light = (benchmarks.load_task('hellaswag', 0, limit=3, style=s)['docs']
+                    for s in benchmarks.STYLES)
+  for h, l in zip(harness, light):  # the context keeps its trailing space
+    assert [p + ' ' for p in h['prompts']] == l['prompts'] and h['continuations'] == l[
+        'continuations']
+  cloze = benchmarks.load_task('mmlu_cloze', 0, limit=1, style='lighteval')['docs'][0]
+  assert cloze['prompts'][0].startswith('The following are questions about abstract algebra.\n'
+                                        'Question: Find the degree')
+  with pytest.raises(ValueError, match='0-shot prompts of'):
+    benchmarks.load_task('arc_easy', 5, style='lighteval')
+  with pytest.raises(ValueError, match='0-shot prompts of'):
+    benchmarks.load_task('winogrande', 0, style='lighteval')
+  with pytest.raises(ValueError, match='choose one of harness, lighteval'):
+    benchmarks.load_task('arc_easy', 0, style='olmes')
+
+
+def test_lighteval_acc_norm_does_not_count_the_leading_space():
+  task = {'docs': [{'doc_id': 0, 'gold': 1, 'prompts': ['q'] * 2,
+                    'continuations': [' a', ' bbb']}]}
+  lls = [-2.0, -5.0]
+  # Per character with the space: -1.0 and -1.25 (picks 0); without it: -2.0 and -1.67 (picks 1).
+  harness, _ = benchmarks.score_task(lambda pairs: lls, dict(task, style='harness'))
+  light, samples = benchmarks.score_task(lambda pairs: lls, dict(task, style='lighteval'))
+  assert harness['acc_norm'] == 0.0 and light['acc_norm'] == 1.0 and samples[0]['pred_norm'] == 1
+  assert harness['acc'] == light['acc'] == 0.0
+
+
 def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_path):
   log = tmp_path / 'samples.jsonl'
   out = subprocess.run(

@@ -38,6 +38,17 @@ def test_wrong_type_is_named(repo_root, tmp_path):
   assert not os.listdir(tmp_path)  # Nothing was written.
 
 
+def test_a_style_that_cannot_render_a_task_is_named_before_any_work(repo_root, tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'eval.benchmarks', f'--workdir={tmp_path}',
+                        '--tasks=arc_easy,gsm8k', '--style=lighteval'],
+                       cwd=repo_root, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.startswith('FATAL Flags parsing error:') and (
+      '--style=lighteval renders the 0-shot prompts of' in out.stderr and 'gsm8k' in out.stderr
+  ), out.stderr[-2000:]
+  assert not os.listdir(tmp_path)
+
+
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   """A finished run whose files the failing commands below must leave untouched."""

@@ -26,7 +26,8 @@ scores the first N items. Prints one JSON object (task -> acc, acc_norm, n, shot
 and writes it to the workdir (eval_benchmarks.json); `--all_steps` scores every checkpoint of the
 run, one JSON line per step (also in eval_benchmarks_steps.jsonl, which eval.compare plots). `--log_samples=FILE.jsonl` writes one line
 per item as the harness logs them: task, doc_id, the exact prompt, the choices' continuations,
-their summed log-likelihoods, pred and gold.
+their summed log-likelihoods, pred and gold. While a task scores, its progress (continuations
+done, rate, ETA) goes to stderr: a live bar on a terminal, a plain line a minute in a log.
 
 Generation tasks (gsm8k: the 1,319 test problems, 0- or 8-shot; math500: 0-shot) decode greedily
 through the serving engine up to --max_tokens, stopping where the next example would begin, and
@@ -295,7 +296,11 @@ class Scorer:
       return (logp * mask).sum(-1)
     self._score = score
 
-  def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:
+  def __call__(self, pairs: list[tuple[str, str]], label: str = '') -> list[float]:
+    """The pairs' summed log-likelihoods; with a label, progress as trainers.metrics.Progress
+    shows it (a bar on a terminal, periodic lines on stderr in a log)."""
+    from trainers.metrics import Progress
+    progress = Progress(label, len(pairs), 'continuations') if label else None
     rows = []
     for context, continuation in pairs:
       ids, n_cont = encode_pair(self.tok, context, continuation)
@@ -319,6 +324,10 @@ class Scorer:
       sums = np.asarray(self._score(self.params, inputs, targets, mask))
       out[batch] = sums[:len(batch)]
       start += len(batch)
+      if progress:
+        progress.update(len(batch))
+    if progress:
+      progress.close()
     return out.tolist()
 
 
@@ -330,11 +339,12 @@ def norm_length(continuation: str, style: str = 'harness') -> int:
   return max(1, len(continuation))
 
 
-def score_task(scorer: Scorer, task: dict) -> tuple[dict, list[dict]]:
-  """acc and acc_norm over the task's items, and one sample record per item."""
+def score_task(scorer: Scorer, task: dict, label: str = '') -> tuple[dict, list[dict]]:
+  """acc and acc_norm over the task's items, and one sample record per item (with a label, the
+  scorer shows its progress under it)."""
   docs, style = task['docs'], task.get('style', 'harness')
   pairs = [(p, c) for d in docs for p, c in zip(d['prompts'], d['continuations'])]
-  lls = iter(scorer(pairs))
+  lls = iter(scorer(pairs, label=label) if label else scorer(pairs))
   right = right_norm = 0
   samples = []
   for d in docs:
@@ -616,7 +626,7 @@ def main():
         elif task.get('kind') == 'generate':
           metrics, samples = generate_task(model, tok, name, task, max_tokens.value)
         else:
-          metrics, samples = score_task(scorer, task)
+          metrics, samples = score_task(scorer, task, label=name)
         if task.get('kind') in ('code', 'generate'):
           metrics['max_tokens'] = max_tokens.value
         result[name] = dict(metrics, shots=shots.value, split=task['split'],

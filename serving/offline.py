@@ -41,11 +41,13 @@ def engine_for(model, prompts: list[list[int]], max_tokens: int, *, tokenizer=No
 
 def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 1,
              max_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
-             stop: tuple[str, ...] = (), eos_id: int | None = None) -> list[Completion]:
+             stop: tuple[str, ...] = (), eos_id: int | None = None,
+             progress=None) -> list[Completion]:
   """Continues each prompt n times; returns Completions ordered by (prompt, sample).
 
   Sample j of prompt i draws with seed `sampling.seed + i * n + j`, so samples differ and a
-  rerun with the same seed reproduces them. `params` defaults to the engine's own.
+  rerun with the same seed reproduces them. `params` defaults to the engine's own. `progress`
+  (a trainers.metrics.Progress, or anything with update(n)) is told of each finished completion.
   """
   if max_tokens <= 0:
     raise ValueError(f'max_tokens must be > 0, got {max_tokens}')
@@ -88,6 +90,7 @@ def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 
     # host reads each slot's tokens up to its first invalid step (or a stop string).
     state, step = engine.generate_many(params, state)
     step = jax.device_get(step)
+    running = len(live)
     for slot, (i, j) in list(live.items()):
       c = out[i, j]
       for k in range(step['valid'].shape[1]):
@@ -99,6 +102,8 @@ def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 
         if _finished(engine, c, max_tokens, stop, eos_id):
           del live[slot]
           break
+    if progress is not None and running > len(live):
+      progress.update(running - len(live))
   for c in out.values():
     if engine.tokenizer is not None:
       c.text = _cut_at_stop(engine.tokenizer.decode(c.tokens), stop)

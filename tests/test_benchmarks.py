@@ -138,6 +138,8 @@ def test_the_cli_scores_a_workdir_and_logs_every_item(workdir, repo_root, tmp_pa
     assert result[name]['n'] == 4 and 0 <= result[name]['acc'] <= 1 and result[name]['shots'] == 0
   # Progress goes to stderr as plain lines (the output is a log here), the JSON alone to stdout.
   assert 'piqa: 8/8 continuations (100%,' in out.stderr and 'ETA' in out.stderr
+  assert 'gsm8k: 4/4 completions (100%,' in out.stderr
+  assert 'humaneval: 12/12 completions (100%,' in out.stderr  # 4 problems x 3 samples
   assert result['gsm8k']['n'] == 4 and 0 <= result['gsm8k']['exact_match'] <= 1
   assert 'gsm_symbolic' in result['gsm8k']['note']  # the contamination warning
   lines = [json.loads(line) for line in open(log)]

@@ -57,16 +57,34 @@ def test_continuations_are_tokenised_as_the_harness_does(workdir):
       tok, 'Answer:', ' yes')
 
 
-def test_scores_are_the_models_summed_logprobs_whatever_the_batch(workdir):
+@pytest.mark.parametrize('share_prefix', [True, False])
+def test_scores_are_the_models_summed_logprobs_whatever_the_batch(workdir, share_prefix):
   model, _ = checkpoint.load_model(workdir, dtype='float32')
   tok = load_tokenizer(workdir)
+  long = 'def f(a, b):' * 200  # past max_seq_len: the prompt loses its start
   pairs = [('In the beginning', ' God created'), ('x', ' = 1'),
-           ('def f(a, b):' * 6, ' return a + b'), ('And God said', ' let there be light')]
-  got = benchmarks.Scorer(model, tok, batch_tokens=64)(pairs)  # several buckets and batches
+           ('def f(a, b):' * 6, ' return a + b'), ('And God said', ' let there be light'),
+           (long, ' return a'), (long, ' return b'), ('', 'x'), ('', 'yield x')]
+  # The choices of a multiple-choice item share their prompt: five of them, more than
+  # max_group, so the group splits; different lengths within a group.
+  pairs += [('Question: which?\nAnswer:', c) for c in (' a', ' bb b', ' c', ' dd dd dd', ' e')]
+  scorer = benchmarks.Scorer(model, tok, batch_tokens=64, share_prefix=share_prefix, max_group=2)
+  got = scorer(pairs)  # several buckets and batches
+  assert len(got) == len(pairs)
   for (context, continuation), value in zip(pairs, got):
     ids, n = benchmarks.encode_pair(tok, context, continuation)
+    ids = ids[-(model.cfg.max_seq_len + 1):]
     logp, _ = token_logprobs(model, jnp.asarray([ids[:-1]]), jnp.asarray([ids[1:]]))
-    np.testing.assert_allclose(value, float(np.asarray(logp)[0, -n:].sum()), rtol=1e-4)
+    np.testing.assert_allclose(value, float(np.asarray(logp)[0, -n:].sum()), rtol=1e-4, atol=1e-4)
+
+
+def test_bucket_lengths_cover_and_stay_few():
+  for least, per in ((32, 4), (32, 2), (16, 2)):
+    got = [benchmarks.bucket_length(n, least, per) for n in range(1, 2049)]
+    assert all(b >= n for n, b in zip(range(1, 2049), got))
+    assert all(b - n < max(least, b // per) for n, b in zip(range(1, 2049), got))
+    assert len(set(got)) <= 1 + (per * 7)  # a few per doubling from least to 2048
+  assert benchmarks.bucket_length(65) == 80 and benchmarks.bucket_length(65, 32, 2) == 96
 
 
 def test_acc_and_acc_norm_pick_by_sum_and_by_sum_per_character():

@@ -7,7 +7,8 @@ Scores the first --limit items of the task twice, with share_prefix on (an item'
 prefilled once into a KV cache and every choice runs from it) and off (the peer: one padded
 forward pass per choice, as lm-evaluation-harness runs them), each after a warm-up pass over the
 same items that compiles every shape, and prints continuations per second of both, their
-ratio, the tokens each pass computes (padding included), and the largest difference of a summed
+ratio, the tokens each pass computes (padding included), the first pass's seconds and shapes
+(compilation included: on a small --limit it dominates), and the largest difference of a summed
 log-likelihood between the two (float rounding only).
 """
 import argparse
@@ -38,7 +39,10 @@ def main():
   sums = {}
   for name, share in (('shared', True), ('per_choice', False)):
     scorer = benchmarks.Scorer(model, tok, args.batch_tokens, share_prefix=share)
-    scorer(pairs)  # compile every shape
+    start = time.perf_counter()
+    scorer(pairs)  # compiles every shape
+    result[f'{name}_first_pass_s'] = round(time.perf_counter() - start, 1)
+    result[f'{name}_shapes'] = len(scorer.shapes_compiled)
     start = time.perf_counter()
     sums[name] = np.array(scorer(pairs))
     seconds = time.perf_counter() - start

@@ -19,7 +19,8 @@ Scoring is lm-evaluation-harness's for multiple choice: each choice's continuati
 gets the sum of its tokens' log-probabilities given the prompt (the prompt and continuation are
 tokenised together and split where the prompt's own tokens end, as the harness does; BOS first
 when the checkpoint's tokenizer adds one); `acc` takes the choice with the highest sum,
-`acc_norm` the highest sum per character of the continuation (OLMES's acc_per_char).
+`acc_norm` the highest sum per character of the continuation (OLMES's acc_per_char). The choices
+of an item share one forward pass over their prompt (Scorer); the sums equal one pass per choice.
 `--style=lighteval` renders and normalises as the lighteval tasks that SmolLM2's model cards were
 scored with instead (see STYLES; 0-shot ARC, HellaSwag, PIQA and MMLU cloze). `--limit=N`
 scores the first N items. Prints one JSON object (task -> acc, acc_norm, n, shots, split, source)
@@ -314,6 +315,7 @@ class Scorer:
     self.tok, self.max_len = tok, cfg.max_seq_len
     self.batch_tokens, self.share_prefix, self.max_group = batch_tokens, share_prefix, max_group
     self.tokens_computed = 0
+    self.shapes_compiled = set()  # the (batch, length, ...) shapes run so far, each compiled once
     graphdef, self.params = nnx.split(model)
 
     @jax.jit
@@ -385,6 +387,7 @@ class Scorer:
         mask[r, t - n_cont:t] = 1
       sums = np.asarray(self._score(self.params, inputs, targets, mask))
       self.tokens_computed += inputs.size
+      self.shapes_compiled.add(inputs.shape)
       out[batch] = sums[:len(batch)]
       start += len(batch)
       yield len(batch)
@@ -432,6 +435,7 @@ class Scorer:
         sums = np.asarray(self._score_shared(self.params, prefix, group, inputs, positions,
                                              targets, mask))
         self.tokens_computed += prefix.size + inputs.size
+        self.shapes_compiled.add(prefix.shape + inputs.shape)
         idx, r = zip(*where)
         out[list(idx)] = sums[list(r)]
         yield len(where)

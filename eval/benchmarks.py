@@ -330,8 +330,9 @@ class Scorer:
       # context's last token then the continuation's tokens but its last, at their positions.
       model = nnx.merge(graphdef, params)
       g, p = prefix.shape
-      # The cache holds P + L positions (it may pass max_seq_len: a padded row's tail is written
-      # past every real token and never read by one).
+      # The cache holds P + L positions. Built here rather than by llama.init_cache, which
+      # refuses lengths past max_seq_len: two padded buckets may pass it while every real token
+      # fits (a padded row's tail is written past every real token and never read by one).
       shape = (g, p + inputs.shape[1], cfg.n_kv_heads, cfg.head_dim)
       cache = [{'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
                for _ in range(cfg.n_layers)]

@@ -12,7 +12,8 @@ arrive at once and each generates exactly N tokens (random weights; EOS ignored)
   JetStream's orchestrator does). TTFT: arrival to the first returned token (all c prefills happen first, so
   it grows with c); ITL: mean time per later step; tokens/s: c * N / total time.
 - `many`: the same engine as the server and offline generation run it: prompts prefilled up to
-  --prefill_batch per call (prefill_batch_of), then generate_many: --decode_steps steps per
+  --prefill_batch per call (prefill_batch_of), inserted into their slots together (insert_many:
+  one dispatch per batch), then generate_many: --decode_steps steps per
   dispatch in one compiled loop, each request ending on the device at its N tokens, attention
   over the filled part of the cache only (a power-of-two span >= 128), the host reading each
   chunk once. TTFT: arrival to the first step's token.
@@ -105,8 +106,7 @@ def run_many(args, preset, c):
     state = engine.init_decode_state()
     prefixes = engine.prefill_batch_of(params=engine.params, prompts=list(prompts),
                                        max_tokens=n_new)
-    for slot, prefix in enumerate(prefixes):
-      state = engine.insert(prefix, state, slot)
+    state = engine.insert_many(prefixes, state, range(c))
     # The first token after one step (as a request sees it), then the rest in chunks.
     state, step = engine.generate_many(engine.params, state, 1)
     np.asarray(step['tokens'])

@@ -21,6 +21,7 @@ token); when sampling at a temperature other than 1, or with top-k/top-p, it is 
 of the distribution the token was actually drawn from.
 """
 import collections
+import collections.abc
 import contextlib
 import dataclasses
 import functools
@@ -42,6 +43,11 @@ PREFILL_BATCH = 8  # prompts of one bucket prefilled in one call (prefill_batch_
 ATTEND_BUCKET = 128  # the shortest cache span a decode step attends over (then powers of two)
 PREFILL_CHUNK = 512  # prompts of longer buckets prefill in chunks of this many tokens
 TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (OpenAI's limit).
+# Rows of the decode state at least (the spare ones stay empty). With one row XLA's GPU compiler
+# rewrites each weight matmul of a step into a multiply and a reduce over a materialised product
+# (dot strength reduction of a vector times a small matrix): on an H200 a 374m step then took
+# 1.5 ms of kernels, against 0.55 ms for the GEMM kernels of a 64-row step (bench/RESULTS.md).
+MIN_DECODE_ROWS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +176,9 @@ class Engine:
     self._prefill_rows = jax.jit(functools.partial(_prefill_rows, self.graphdef))
     self._prefill_part = jax.jit(functools.partial(_prefill_part, self.graphdef),
                                  donate_argnums=3)
-    self._split_rows = jax.jit(_split_rows, static_argnums=1)
     self._insert = jax.jit(_insert, donate_argnums=1)
+    self._insert_row = jax.jit(_insert_row, donate_argnums=5)
+    self._insert_rows = jax.jit(_insert_rows, donate_argnums=4)
     self._first_token = jax.jit(_first_token)
     self._head = jax.jit(lambda params, h: nnx.merge(self.graphdef, params).head(h[None, None])[0, 0])
     self._score = jax.jit(functools.partial(_score, self.graphdef))
@@ -189,7 +196,8 @@ class Engine:
         1 << max(ATTEND_BUCKET, self.max_len - 1).bit_length()) if b >= ATTEND_BUCKET}
         | {self.max_len})
     self._generate = {(mode, steps, span): jax.jit(functools.partial(
-        _generate, self.graphdef, self.max_len, mode, steps, span), donate_argnums=1)
+        _generate, self.graphdef, self.max_len, self.slots, mode, steps, span),
+        donate_argnums=1)
         for mode in MODES for steps in {1, decode_steps} for span in self.attend_buckets}
     # Host-side bound on each live slot's cache position: slot -> [bound, dispatch count at
     # insert]. Set at insert (the prompt length), raised by the steps of each dispatch, dropped
@@ -239,7 +247,7 @@ class Engine:
     max_tokens tokens and nothing after the first stop id (which it returns)."""
     if existing_prefix is not None:
       raise NotImplementedError('prefix caching (existing_prefix) is not supported')
-    padded_tokens = jnp.asarray(padded_tokens, jnp.int32)
+    padded_tokens = np.asarray(padded_tokens, np.int32)
     if padded_tokens.shape[0] not in self.buckets:
       raise ValueError(f'padded prompt length {padded_tokens.shape[0]} is not one of the '
                        f'buckets {self.buckets}; use pad_prompt')
@@ -250,7 +258,7 @@ class Engine:
         prefix = self._chunked_prefill(params, padded_tokens, true_length,
                                        sampling or SamplingParams())
       else:
-        prefix = self._prefill(params, padded_tokens, jnp.int32(true_length),
+        prefix = self._prefill(params, padded_tokens, np.int32(true_length),
                                *_sampling_args(sampling or SamplingParams()))
     return dict(prefix, **self._limits(max_tokens, stop_ids),
                 mode=(sampling or SamplingParams()).mode, length=int(true_length))
@@ -264,9 +272,9 @@ class Engine:
     cache = init_cache(self.cfg, 1, padded_tokens.shape[0])
     for start in range(0, true_length, c):
       hidden, cache = self._prefill_part(params, padded_tokens[start:start + c][None],
-                                         jnp.int32(start), cache)
+                                         np.int32(start), cache)
     last = self._head(params, hidden[0, (true_length - 1) % c])
-    return self._first_token({'cache': cache, 'logits': last, 'pos': jnp.int32(true_length)},
+    return self._first_token({'cache': cache, 'logits': last, 'pos': np.int32(true_length)},
                              *_sampling_args(sampling))
 
   def _limits(self, max_tokens, stop_ids) -> dict:
@@ -319,15 +327,14 @@ class Engine:
         size = 1 << (len(group) - 1).bit_length()
         full = group + [group[0]] * (size - len(group))  # padding rows: copies, dropped below
         args = [_sampling_args(samplings[i]) for i in full]
-        with self._mesh_context():
+        with self._mesh_context():  # Host arrays: one transfer each, no per-prompt dispatch.
           batched = self._prefill_rows(
-              params, jnp.asarray(np.stack([padded[i][0] for i in full])),
-              jnp.asarray([padded[i][1] for i in full], jnp.int32),
-              *(jnp.stack([a[k] for a in args]) for k in range(4)))
-          prefixes = self._split_rows(batched, len(group))
-        for i, prefix in zip(group, prefixes):
-          out[i] = dict(prefix, **self._limits(limits[i], stops[i]), mode=samplings[i].mode,
-                        length=padded[i][1])
+              params, np.stack([padded[i][0] for i in full]),
+              np.asarray([padded[i][1] for i in full], np.int32),
+              *(np.stack([a[k] for a in args]) for k in range(4)))
+        for row, i in enumerate(group):
+          out[i] = BatchRow(batched, row, dict(self._limits(limits[i], stops[i]),
+                                               mode=samplings[i].mode, length=padded[i][1]))
     return out
 
   def resample(self, prefix, sampling: SamplingParams):
@@ -339,16 +346,55 @@ class Engine:
     with self._mesh_context():
       drawn = self._first_token(small, *_sampling_args(sampling))
     # The limits are the prompt's; mode is a host-side flag.
-    return dict(drawn, cache=prefix['cache'], limit=prefix['limit'], stop=prefix['stop'],
-                mode=sampling.mode, length=prefix.get('length'))
+    host = dict(limit=prefix['limit'], stop=prefix['stop'], mode=sampling.mode,
+                length=prefix.get('length'))
+    if isinstance(prefix, BatchRow):  # The cache stays in the batch until insert.
+      return BatchRow(prefix.batched, prefix.row, host, drawn={
+          k: v for k, v in drawn.items() if k not in ('logits', 'pos')})
+    return dict(drawn, cache=prefix['cache'], **host)
 
   def insert(self, prefix, decode_state, slot: int):
-    prefix = dict(prefix)
-    self._slot_modes[slot] = prefix.pop('mode', 'filtered')
-    length = prefix.pop('length', None)
+    self._slot_modes[slot] = prefix.get('mode', 'filtered')
+    length = prefix.get('length')
     self._bounds[slot] = [self.max_len if length is None else length, self._dispatches]
     with self._mesh_context():
-      return self._insert(prefix, decode_state, jnp.int32(slot))
+      if isinstance(prefix, BatchRow):  # Its row straight from the batch: one dispatch.
+        return self._insert_row(prefix.batched, np.int32(prefix.row), prefix.drawn,
+                                prefix['limit'], prefix['stop'], decode_state, np.int32(slot))
+      prefix = {k: v for k, v in prefix.items() if k not in ('mode', 'length')}
+      return self._insert(prefix, decode_state, np.int32(slot))
+
+  def insert_many(self, prefixes, decode_state, slots):
+    """insert(prefixes[i], state, slots[i]) for every i, with one dispatch per batched prefill
+    the prefixes are rows of (prefill_batch_of's; any other prefix: one insert each): 64 prompts
+    prefilled together cost one insert, not 64. Offline generation and the benchmarks use it."""
+    prefixes, slots = list(prefixes), [int(s) for s in slots]
+    if len(prefixes) != len(slots) or len(set(slots)) != len(slots):
+      raise ValueError(f'{len(prefixes)} prefixes for slots {slots}: need one distinct slot each')
+    batches = collections.defaultdict(list)
+    for prefix, slot in zip(prefixes, slots):
+      if isinstance(prefix, BatchRow) and prefix.drawn is None:
+        batches[id(prefix.batched)].append((prefix, slot))
+      else:
+        decode_state = self.insert(prefix, decode_state, slot)
+    for group in batches.values():
+      if len(group) == 1:
+        decode_state = self.insert(group[0][0], decode_state, group[0][1])
+        continue
+      for prefix, slot in group:
+        self._slot_modes[slot] = prefix['mode']
+        self._bounds[slot] = [prefix['length'], self._dispatches]
+      # Padded to the batch's rows by repeating the first pair (the same value written twice),
+      # so each batch size compiles once.
+      batched = group[0][0].batched
+      pad = lambda xs: xs + [xs[0]] * (batched['pos'].shape[0] - len(xs))
+      with self._mesh_context():
+        decode_state = self._insert_rows(
+            batched, np.asarray(pad([p.row for p, _ in group]), np.int32),
+            np.stack(pad([np.asarray(p['limit']) for p, _ in group])),
+            np.stack(pad([p['stop'] for p, _ in group])), decode_state,
+            np.asarray(pad([s for _, s in group]), np.int32))
+    return decode_state
 
   def generate(self, params, decode_state):
     """One step for every slot: returns (new state, {'tokens', 'logprobs', 'valid', 'lengths'}).
@@ -419,16 +465,19 @@ class Engine:
                               true_length=1)
         state = self.insert(prefix, self.insert(prefix, state, 0), 0)
         state, step = self.generate_many(params, state)
+    rows = None
     for bucket in self.buckets:  # The batched prefills offline generation runs.
       size = 2
       while size <= min(self.prefill_batch, self.slots):
-        for prefix in self.prefill_batch_of(params=params, prompts=[[1] * bucket] * size):
-          state = self.insert(prefix, state, 0)
+        rows = self.prefill_batch_of(params=params, prompts=[[1] * bucket] * size)
+        state = self.insert_many(rows, self.insert(rows[0], state, 0), range(size))
+        state = self.insert(self.resample(rows[0], SamplingParams()), state, 0)
         size *= 2
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
                      SamplingParams(temperature=1.0, top_k=2)):
       for steps in sorted({1, self.decode_steps}):
-        state = self.insert(self.resample(prefix, sampling), state, 0)
+        for source in (prefix, rows[0] if rows else prefix):  # a prefix, a batch's row
+          state = self.insert(self.resample(source, sampling), state, 0)
         state, step = self.generate_many(params, state, steps)
         jax.block_until_ready(after_step(step) if after_step else step)
     # Every decode step at every attention span (above, only the shortest ran).
@@ -438,7 +487,7 @@ class Engine:
         jax.block_until_ready(after_step(step) if after_step else step)
     self._bounds.clear()
     self._pending.clear()
-    self._slot_modes.pop(0, None)
+    self._slot_modes.clear()  # The scratch state's slots.
     return time.perf_counter() - start
 
   def prompt_logprobs(self, tokens, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -512,7 +561,7 @@ class Engine:
     return state
 
   def _empty_state(self):
-    s = self.slots
+    s = max(self.slots, MIN_DECODE_ROWS)
     return {
         'cache': init_cache(self.cfg, s, self.max_len, self.kv_dtype),
         'tokens': jnp.zeros((s,), jnp.int32),  # sampled, returned by the next generate step
@@ -530,8 +579,29 @@ class Engine:
 
 
 def _sampling_args(sampling: SamplingParams):
-  return (jax.random.key_data(jax.random.key(sampling.seed)), jnp.float32(sampling.temperature),
-          jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+  """(key data, temperature, top_k, top_p) as host values: a jitted call takes them in one
+  transfer each, where device scalars cost a dispatch apiece (on an H200, 64 prompts' worth of
+  them took longer than their batched prefill)."""
+  return (key_data(sampling.seed), np.float32(sampling.temperature), np.int32(sampling.top_k),
+          np.float32(sampling.top_p))
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_data_of(seed: int, impl: str, x64: bool) -> np.ndarray:
+  if impl == 'threefry2x32':
+    # jax.random.key(seed) of threefry: the seed's high and low 32 bits, the seed taken as a
+    # 32-bit integer unless x64 is on (tests/test_engine.py checks this against jax.random).
+    seed = int(seed) if x64 else int(np.int64(seed) & 0xFFFFFFFF)
+    return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
+  return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def key_data(seed: int) -> np.ndarray:
+  """jax.random.key_data(jax.random.key(seed)) computed on the host (cached for other PRNGs)."""
+  data = _key_data_of(int(seed), str(jax.config.jax_default_prng_impl),
+                      bool(jax.config.jax_enable_x64))
+  data.flags.writeable = False
+  return data
 
 
 def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top_p):
@@ -560,10 +630,73 @@ def _prefill_rows(graphdef, params, tokens, lengths, keys, temperature, top_k, t
           'key': keys, 'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
 
 
-def _split_rows(batched, n: int):
-  """The first n rows of a batched prefix as n prefixes of one prompt each (as _prefill's)."""
-  return tuple({k: ([{m: layer[m][r:r + 1] for m in layer} for layer in v] if k == 'cache'
-                    else v[r]) for k, v in batched.items()} for r in range(n))
+class BatchRow(collections.abc.Mapping):
+  """One prompt's prefix as a row of a batched prefill's output, not split out of it: insert
+  copies the row from the batch into a slot in one dispatch. Splitting 64 rows out (48 cache
+  arrays each at 374m) cost more host time than the prefill itself. Reading a key gives what
+  prefill of that prompt alone returns (the cache as [1, bucket, ...] arrays), sliced on demand.
+  `drawn`: the first-token fields that resample drew anew for this row (else the batch's)."""
+
+  def __init__(self, batched: dict, row: int, host: dict, drawn: dict | None = None):
+    self.batched, self.row, self.host, self.drawn = batched, row, host, drawn
+
+  def __getitem__(self, key):
+    if key in self.host:
+      return self.host[key]
+    if self.drawn is not None and key in self.drawn:
+      return self.drawn[key]
+    if key == 'cache':
+      return [{m: layer[m][self.row:self.row + 1] for m in layer} for layer in self.batched[key]]
+    return self.batched[key][self.row]
+
+  def __iter__(self):
+    return iter(dict.fromkeys([*self.batched, *self.host]))
+
+  def __len__(self):
+    return len(set(self.batched) | set(self.host))
+
+
+def _batch_row(batched, row, drawn):
+  """A BatchRow's device fields as a prefix dict, inside a jitted function."""
+  prefix = {k: (jax.lax.dynamic_index_in_dim(v, row, keepdims=False) if k != 'cache' else
+                [{m: jax.lax.dynamic_slice_in_dim(layer[m], row, 1) for m in layer} for layer in v])
+            for k, v in batched.items()}
+  return dict(prefix, **(drawn or {}))
+
+
+def _insert_row(batched, row, drawn, limit, stop, state, slot):
+  return _insert(dict(_batch_row(batched, row, drawn), limit=limit, stop=stop), state, slot)
+
+
+def _insert_rows(batched, rows, limits, stops, state, slots):
+  """_insert of batched[rows[i]] into slots[i] for every i. Each slot takes its source row by a
+  gather and keeps its own values where it takes none (a select): bandwidth-bound, where a
+  scatter into the cache ran at a small fraction of it on an H200 (21 ms for 64 rows at 374m)."""
+  n = state['pos'].shape[0]
+  source = jnp.zeros((n,), jnp.int32).at[slots].set(rows)  # slot -> its row (any if none)
+  taken = jnp.zeros((n,), bool).at[slots].set(True)
+  bucket = batched['cache'][0]['k'].shape[1]
+
+  def put(old, new):
+    mask = taken.reshape((n,) + (1,) * (old.ndim - 1))
+    return jnp.where(mask, new[source].astype(old.dtype), old)
+
+  cache = [{m: jax.lax.dynamic_update_slice_in_dim(
+      layer[m], put(layer[m][:, :bucket], new[m]), 0, axis=1) for m in ('k', 'v')}
+      for layer, new in zip(state['cache'], batched['cache'])]
+  by_slot = lambda values: jnp.zeros((n,) + values.shape[1:], values.dtype).at[slots].set(values)
+  return {
+      'cache': cache, 'tokens': put(state['tokens'], batched['token']),
+      'logprobs': put(state['logprobs'], batched['logprob']),
+      'pos': put(state['pos'], batched['pos']),
+      'returned': jnp.where(taken, 0, state['returned']),
+      'key': put(state['key'], batched['key']),
+      'temperature': put(state['temperature'], batched['temperature']),
+      'top_k': put(state['top_k'], batched['top_k']), 'top_p': put(state['top_p'], batched['top_p']),
+      'limit': jnp.where(taken, by_slot(limits), state['limit']),
+      'stop': jnp.where(taken[:, None], by_slot(stops), state['stop']),
+      'done': jnp.where(taken, False, state['done']),
+  }
 
 
 def _score(graphdef, params, tokens):
@@ -601,14 +734,15 @@ def _insert(prefix, state, slot):
   }
 
 
-def _generate(graphdef, max_len, mode, steps, span, params, state):
+def _generate(graphdef, max_len, slots_out, mode, steps, span, params, state):
   """`steps` decode steps for every slot, in a while loop that ends early once no slot is live.
 
   A step returns each live slot's pending token (sampled by the step before, or by prefill) and
   samples the next; a slot ends after returning one of its stop ids or its `limit`-th token, and
   stops advancing at a full cache. Ended and empty slots ride along (the batch is computed
   whole), frozen and reported invalid. Attention reads the cache's first `span` positions, which
-  the host chose to hold every live slot's positions up to the last of these steps."""
+  the host chose to hold every live slot's positions up to the last of these steps. The outputs
+  cover the first `slots_out` rows (the state may hold spare rows: MIN_DECODE_ROWS)."""
   model = nnx.merge(graphdef, params)
   slots = state['pos'].shape[0]
   live = lambda s: ~s['done'] & (s['pos'] < max_len)
@@ -641,4 +775,4 @@ def _generate(graphdef, max_len, mode, steps, span, params, state):
   else:
     carry = jax.lax.while_loop(lambda c: (c[0] < steps) & live(c[1]).any(), step, carry)
   _, state, out = carry
-  return state, dict(out, lengths=state['returned'])
+  return state, {k: v[:slots_out] for k, v in dict(out, lengths=state['returned']).items()}

@@ -79,13 +79,16 @@ def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 
           samplings=[seeded[i, 0] for i in new], max_tokens=max_tokens,
           stop_ids=() if eos_id is None else (eos_id,))
       prefixes.update(zip(new, done))
+    inserts = []
     for slot, i, j in starts:
       prefix = prefixes[i] if j == 0 else engine.resample(prefixes[i], seeded[i, j])
       if j == n - 1:
         del prefixes[i]
-      state = engine.insert(prefix, state, slot)
+      inserts.append((prefix, slot))
       live[slot] = (i, j)
       out[i, j] = Completion(i, j, [], [], None, 'length')
+    # The rows of one batched prefill go in with one dispatch.
+    state = engine.insert_many([p for p, _ in inserts], state, [s for _, s in inserts])
     # decode_steps steps per dispatch; EOS and max_tokens end a sequence on the device, so the
     # host reads each slot's tokens up to its first invalid step (or a stop string).
     state, step = engine.generate_many(params, state)

@@ -62,6 +62,9 @@ _ACCESS_LOG = flags.DEFINE_bool('access_log', False, "uvicorn's access log, one 
 _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 4, 'Decode steps per dispatch to the device '
                                      '(more: fewer host round trips; a new request waits for '
                                      'the running ones to finish theirs before it joins).')
+_PREFILL_BATCH = flags.DEFINE_integer('prefill_batch', 8, 'Waiting prompts of one length bucket '
+                                      'prefilled in one call, a power of two (a GPU serving many '
+                                      'users at once: 64; each size up to it compiles at start).')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8', 'int4'], 'Weight-only '
                               'quantization of the projections (models/quantize.py, qwix).')
 _KV_DTYPE = flags.DEFINE_enum('kv_dtype', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
@@ -226,6 +229,7 @@ def main(argv):
   engine = Engine.from_workdir(_WORKDIR.value, step=_STEP.value, dtype=_DTYPE.value,
                                max_concurrent_decodes=slots, max_len=max_len,
                                max_prefill_length=max_prefill, decode_steps=_DECODE_STEPS.value,
+                               prefill_batch=_PREFILL_BATCH.value,
                                quantize=_QUANTIZE.value,
                                kv_dtype=None if _KV_DTYPE.value == 'auto' else _KV_DTYPE.value)
   print(f'{engine.cfg.num_params():,}-parameter model computing in {engine.cfg.dtype} '

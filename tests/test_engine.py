@@ -7,7 +7,7 @@ from flax import nnx
 
 from models import llama, presets
 from serving import offline
-from serving.engine import MODES, Engine, SamplingParams, sample_tokens
+from serving.engine import MIN_DECODE_ROWS, MODES, Engine, SamplingParams, key_data, sample_tokens
 
 CFG = presets.resolve('tiny', dtype='float32')
 BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
@@ -270,6 +270,50 @@ def test_batched_prefill_gives_each_prompt_what_its_own_prefill_gives(model):
   done = offline.generate(engine, prompts, max_tokens=10)
   for prompt, c in zip(prompts, done):
     assert c.tokens == _greedy_without_cache(model, prompt, 10)
+
+
+def test_insert_many_is_one_insert_per_row_and_one_slot_gets_spare_rows(model):
+  # insert_many writes the rows of one batched prefill into their slots in one dispatch; the
+  # state equals that of inserting each row alone, in any slot order. A one-slot engine keeps
+  # MIN_DECODE_ROWS rows (a one-row step is slow on GPUs) and still returns one row, exactly.
+  engine = Engine(model, max_concurrent_decodes=5, max_len=96, max_prefill_length=64,
+                  prefill_batch=4)
+  # One bucket, so two calls: four prompts (a batch of 4), one alone (a plain prefix).
+  prompts = [PROMPTS[0], PROMPTS[4], [7, 8, 9], [1, 2], [3]]
+  samplings = [SamplingParams(), SamplingParams(1.0, 0, 1.0, 7), SamplingParams(0.5, 3, 1.0, 2),
+               SamplingParams(), SamplingParams(1.0, 0, 1.0, 1)]
+  rows = engine.prefill_batch_of(params=engine.params, prompts=prompts, samplings=samplings,
+                                 max_tokens=[4, 5, 6, 7, 8], stop_ids=(2,))
+  slots = [3, 0, 4, 1, 2]
+  calls = []
+  many = engine._insert_rows
+  engine._insert_rows = lambda *a: calls.append(1) or many(*a)
+  together = jax.device_get(engine.insert_many(rows, engine.init_decode_state(), slots))
+  state = engine.init_decode_state()
+  for prefix, slot in zip(rows, slots):
+    state = engine.insert(dict(prefix), state, slot)  # A plain dict: the one-prefix path.
+  alone = jax.device_get(state)
+  assert calls == [1]
+  for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='distinct slot'):
+    engine.insert_many(rows[:2], engine.init_decode_state(), [1, 1])
+
+  one = Engine(model, max_concurrent_decodes=1, max_len=96, max_prefill_length=64)
+  assert one.init_decode_state()['pos'].shape == (MIN_DECODE_ROWS,)
+  padded, n = one.pad_prompt(PROMPTS[1])
+  prefix = one.prefill(params=one.params, padded_tokens=padded, true_length=n, max_tokens=9)
+  state = one.insert(prefix, one.init_decode_state(), 0)
+  state, step = one.generate_many(one.params, state)
+  assert step['valid'].shape == (1, one.decode_steps) and step['lengths'].shape == (1,)
+  assert np.asarray(step['tokens'])[0].tolist() == _greedy_without_cache(model, PROMPTS[1], 8)
+
+
+def test_key_data_on_the_host_is_jax_randoms():
+  for seed in (0, 1, 7, 2**31 - 1, -1, -5, 2**32 - 1, 2**32, 2**40 + 3, -2**31):
+    want = jax.random.key_data(jax.random.key(seed))
+    np.testing.assert_array_equal(key_data(seed), want)
+    assert key_data(seed).dtype == want.dtype
 
 
 def test_generate_many_ends_sequences_on_the_device(model):

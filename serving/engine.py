@@ -43,11 +43,12 @@ PREFILL_BATCH = 8  # prompts of one bucket prefilled in one call (prefill_batch_
 ATTEND_BUCKET = 128  # the shortest cache span a decode step attends over (then powers of two)
 PREFILL_CHUNK = 512  # prompts of longer buckets prefill in chunks of this many tokens
 TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (OpenAI's limit).
-# Rows of the decode state at least (the spare ones stay empty). With one row XLA's GPU compiler
-# rewrites each weight matmul of a step into a multiply and a reduce over a materialised product
-# (dot strength reduction of a vector times a small matrix): on an H200 a 374m step then took
-# 1.5 ms of kernels, against 0.55 ms for the GEMM kernels of a 64-row step (bench/RESULTS.md).
-MIN_DECODE_ROWS = 2
+# Rows of the decode state at least, by platform (the spare ones stay empty). With one row XLA's
+# GPU compiler rewrites each weight matmul of a step into a multiply and a reduce over a
+# materialised product (dot strength reduction of a vector times a small matrix): on an H200 a
+# 374m step then took 1.5 ms of kernels, against 0.55 ms for the GEMM kernels of a 64-row step
+# (bench/RESULTS.md). On a CPU one row is faster (small: 0.98 against 1.46 ms a token).
+MIN_DECODE_ROWS = {'gpu': 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Engine:
   def __init__(self, model: Llama, *, max_concurrent_decodes: int = 8, max_len: int | None = None,
                max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None,
                decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH,
-               kv_dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK):
+               kv_dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
+               min_decode_rows: int | None = None):
     self.cfg = model.cfg
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
       raise ValueError(f'prefill_chunk must be a power of two >= {MIN_BUCKET}, got '
@@ -169,6 +171,10 @@ class Engine:
                        f'{self.max_len}')
     self.slots = max_concurrent_decodes
     self._mesh, self.rules, self.tokenizer = mesh, rules, tokenizer
+    # The decode state's rows: the slots, and spare empty ones up to min_decode_rows (default:
+    # MIN_DECODE_ROWS of the platform). Outputs cover the slots only.
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    self.rows = max(self.slots, min_decode_rows or MIN_DECODE_ROWS.get(platform, 1))
     self.graphdef, self.params = nnx.split(model)
     # The graph definition is static; parameters are arguments, so new weights of the same
     # shapes (an RL step) reuse the compiled functions.
@@ -561,7 +567,7 @@ class Engine:
     return state
 
   def _empty_state(self):
-    s = max(self.slots, MIN_DECODE_ROWS)
+    s = self.rows
     return {
         'cache': init_cache(self.cfg, s, self.max_len, self.kv_dtype),
         'tokens': jnp.zeros((s,), jnp.int32),  # sampled, returned by the next generate step
@@ -742,7 +748,7 @@ def _generate(graphdef, max_len, slots_out, mode, steps, span, params, state):
   stops advancing at a full cache. Ended and empty slots ride along (the batch is computed
   whole), frozen and reported invalid. Attention reads the cache's first `span` positions, which
   the host chose to hold every live slot's positions up to the last of these steps. The outputs
-  cover the first `slots_out` rows (the state may hold spare rows: MIN_DECODE_ROWS)."""
+  cover the first `slots_out` rows (the state may hold spare rows: Engine.rows)."""
   model = nnx.merge(graphdef, params)
   slots = state['pos'].shape[0]
   live = lambda s: ~s['done'] & (s['pos'] < max_len)

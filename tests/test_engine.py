@@ -7,7 +7,7 @@ from flax import nnx
 
 from models import llama, presets
 from serving import offline
-from serving.engine import MIN_DECODE_ROWS, MODES, Engine, SamplingParams, key_data, sample_tokens
+from serving.engine import MODES, Engine, SamplingParams, key_data, sample_tokens
 
 CFG = presets.resolve('tiny', dtype='float32')
 BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
@@ -274,8 +274,8 @@ def test_batched_prefill_gives_each_prompt_what_its_own_prefill_gives(model):
 
 def test_insert_many_is_one_insert_per_row_and_one_slot_gets_spare_rows(model):
   # insert_many writes the rows of one batched prefill into their slots in one dispatch; the
-  # state equals that of inserting each row alone, in any slot order. A one-slot engine keeps
-  # MIN_DECODE_ROWS rows (a one-row step is slow on GPUs) and still returns one row, exactly.
+  # state equals that of inserting each row alone, in any slot order. A one-slot engine with a
+  # spare row (what a GPU gets: a one-row step is slow there) still returns one row, exactly.
   engine = Engine(model, max_concurrent_decodes=5, max_len=96, max_prefill_length=64,
                   prefill_batch=4)
   # One bucket, so two calls: four prompts (a batch of 4), one alone (a plain prefix).
@@ -299,8 +299,10 @@ def test_insert_many_is_one_insert_per_row_and_one_slot_gets_spare_rows(model):
   with pytest.raises(ValueError, match='distinct slot'):
     engine.insert_many(rows[:2], engine.init_decode_state(), [1, 1])
 
-  one = Engine(model, max_concurrent_decodes=1, max_len=96, max_prefill_length=64)
-  assert one.init_decode_state()['pos'].shape == (MIN_DECODE_ROWS,)
+  assert engine.rows == 5  # No spare rows on a CPU.
+  one = Engine(model, max_concurrent_decodes=1, max_len=96, max_prefill_length=64,
+               min_decode_rows=2)
+  assert one.init_decode_state()['pos'].shape == (2,)
   padded, n = one.pad_prompt(PROMPTS[1])
   prefix = one.prefill(params=one.params, padded_tokens=padded, true_length=n, max_tokens=9)
   state = one.insert(prefix, one.init_decode_state(), 0)

@@ -184,7 +184,7 @@ class Engine:
                                  donate_argnums=3)
     self._insert = jax.jit(_insert, donate_argnums=1)
     self._insert_row = jax.jit(_insert_row, donate_argnums=5)
-    self._insert_rows = jax.jit(_insert_rows, donate_argnums=4)
+    self._insert_rows = jax.jit(_insert_rows, donate_argnums=5)
     self._first_token = jax.jit(_first_token)
     self._head = jax.jit(lambda params, h: nnx.merge(self.graphdef, params).head(h[None, None])[0, 0])
     self._score = jax.jit(functools.partial(_score, self.graphdef))
@@ -359,10 +359,14 @@ class Engine:
           k: v for k, v in drawn.items() if k not in ('logits', 'pos')})
     return dict(drawn, cache=prefix['cache'], **host)
 
-  def insert(self, prefix, decode_state, slot: int):
+  def _claim(self, prefix, slot: int):
+    """The host's record of what an insert puts in the slot: its decode mode and position bound."""
     self._slot_modes[slot] = prefix.get('mode', 'filtered')
     length = prefix.get('length')
     self._bounds[slot] = [self.max_len if length is None else length, self._dispatches]
+
+  def insert(self, prefix, decode_state, slot: int):
+    self._claim(prefix, slot)
     with self._mesh_context():
       if isinstance(prefix, BatchRow):  # Its row straight from the batch: one dispatch.
         return self._insert_row(prefix.batched, np.int32(prefix.row), prefix.drawn,
@@ -387,19 +391,19 @@ class Engine:
       if len(group) == 1:
         decode_state = self.insert(group[0][0], decode_state, group[0][1])
         continue
+      batched = group[0][0].batched
+      size = batched['pos'].shape[0]
+      limit = np.zeros((size,), np.int32)
+      stop = np.full((size, MAX_STOP_IDS), -1, np.int32)
       for prefix, slot in group:
-        self._slot_modes[slot] = prefix['mode']
-        self._bounds[slot] = [prefix['length'], self._dispatches]
+        self._claim(prefix, slot)
+        limit[prefix.row], stop[prefix.row] = prefix['limit'], prefix['stop']
       # Padded to the batch's rows by repeating the first pair (the same value written twice),
       # so each batch size compiles once.
-      batched = group[0][0].batched
-      pad = lambda xs: xs + [xs[0]] * (batched['pos'].shape[0] - len(xs))
+      pad = lambda xs: np.asarray(xs + [xs[0]] * (size - len(xs)), np.int32)
       with self._mesh_context():
-        decode_state = self._insert_rows(
-            batched, np.asarray(pad([p.row for p, _ in group]), np.int32),
-            np.stack(pad([np.asarray(p['limit']) for p, _ in group])),
-            np.stack(pad([p['stop'] for p, _ in group])), decode_state,
-            np.asarray(pad([s for _, s in group]), np.int32))
+        decode_state = self._insert_rows(batched, limit, stop, pad([p.row for p, _ in group]),
+                                         pad([s for _, s in group]), decode_state)
     return decode_state
 
   def generate(self, params, decode_state):
@@ -598,16 +602,17 @@ def _key_data_of(seed: int, impl: str, x64: bool) -> np.ndarray:
     # jax.random.key(seed) of threefry: the seed's high and low 32 bits, the seed taken as a
     # 32-bit integer unless x64 is on (tests/test_engine.py checks this against jax.random).
     seed = int(seed) if x64 else int(np.int64(seed) & 0xFFFFFFFF)
-    return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
-  return np.asarray(jax.random.key_data(jax.random.key(seed)))
+    data = np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
+  else:
+    data = np.array(jax.random.key_data(jax.random.key(seed)))
+  data.flags.writeable = False  # Cached: shared by every caller.
+  return data
 
 
 def key_data(seed: int) -> np.ndarray:
   """jax.random.key_data(jax.random.key(seed)) computed on the host (cached for other PRNGs)."""
-  data = _key_data_of(int(seed), str(jax.config.jax_default_prng_impl),
+  return _key_data_of(int(seed), str(jax.config.jax_default_prng_impl),
                       bool(jax.config.jax_enable_x64))
-  data.flags.writeable = False
-  return data
 
 
 def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top_p):
@@ -674,10 +679,11 @@ def _insert_row(batched, row, drawn, limit, stop, state, slot):
   return _insert(dict(_batch_row(batched, row, drawn), limit=limit, stop=stop), state, slot)
 
 
-def _insert_rows(batched, rows, limits, stops, state, slots):
-  """_insert of batched[rows[i]] into slots[i] for every i. Each slot takes its source row by a
-  gather and keeps its own values where it takes none (a select): bandwidth-bound, where a
-  scatter into the cache ran at a small fraction of it on an H200 (21 ms for 64 rows at 374m)."""
+def _insert_rows(batched, limit, stop, rows, slots, state):
+  """_insert of batched[rows[i]] into slots[i] for every i (limit and stop given per batch row).
+  Each slot takes its source row by a gather and keeps its own values where it takes none (a
+  select): bandwidth-bound, where a scatter into the cache ran at a small fraction of it on an
+  H200 (21 ms for 64 rows at 374m)."""
   n = state['pos'].shape[0]
   source = jnp.zeros((n,), jnp.int32).at[slots].set(rows)  # slot -> its row (any if none)
   taken = jnp.zeros((n,), bool).at[slots].set(True)
@@ -690,19 +696,10 @@ def _insert_rows(batched, rows, limits, stops, state, slots):
   cache = [{m: jax.lax.dynamic_update_slice_in_dim(
       layer[m], put(layer[m][:, :bucket], new[m]), 0, axis=1) for m in ('k', 'v')}
       for layer, new in zip(state['cache'], batched['cache'])]
-  by_slot = lambda values: jnp.zeros((n,) + values.shape[1:], values.dtype).at[slots].set(values)
-  return {
-      'cache': cache, 'tokens': put(state['tokens'], batched['token']),
-      'logprobs': put(state['logprobs'], batched['logprob']),
-      'pos': put(state['pos'], batched['pos']),
-      'returned': jnp.where(taken, 0, state['returned']),
-      'key': put(state['key'], batched['key']),
-      'temperature': put(state['temperature'], batched['temperature']),
-      'top_k': put(state['top_k'], batched['top_k']), 'top_p': put(state['top_p'], batched['top_p']),
-      'limit': jnp.where(taken, by_slot(limits), state['limit']),
-      'stop': jnp.where(taken[:, None], by_slot(stops), state['stop']),
-      'done': jnp.where(taken, False, state['done']),
-  }
+  fields = dict(batched, limit=limit, stop=stop)
+  out = {name: put(state[name], fields[field]) for name, field in _INSERTED.items()}
+  out.update({name: jnp.where(taken, value, state[name]) for name, value in _RESET.items()})
+  return dict(out, cache=cache)
 
 
 def _score(graphdef, params, tokens):
@@ -722,22 +719,23 @@ def _first_token(prefix, key, temperature, top_k, top_p):
           'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
 
 
+# What an insert sets in a slot besides its cache: decode-state field <- prefix field, and the
+# fields it resets (_insert and _insert_rows).
+_INSERTED = {'tokens': 'token', 'logprobs': 'logprob', 'pos': 'pos', 'key': 'key',
+             'temperature': 'temperature', 'top_k': 'top_k', 'top_p': 'top_p', 'limit': 'limit',
+             'stop': 'stop'}
+_RESET = {'returned': 0, 'done': False}
+
+
 def _insert(prefix, state, slot):
   # The prefix fills cache[slot, :bucket]; whatever the slot held beyond it is invisible (a query
   # sees indices <= its position) and is overwritten before the slot's position gets there.
   at = (slot, 0, 0, 0)
   cache = [{n: jax.lax.dynamic_update_slice(layer[n], new[n].astype(layer[n].dtype), at)
             for n in ('k', 'v')} for layer, new in zip(state['cache'], prefix['cache'])]
-  put = lambda name, value: state[name].at[slot].set(value)
-  return {
-      'cache': cache, 'tokens': put('tokens', prefix['token']),
-      'logprobs': put('logprobs', prefix['logprob']), 'pos': put('pos', prefix['pos']),
-      'returned': put('returned', 0), 'key': put('key', prefix['key']),
-      'temperature': put('temperature', prefix['temperature']),
-      'top_k': put('top_k', prefix['top_k']), 'top_p': put('top_p', prefix['top_p']),
-      'limit': put('limit', prefix['limit']), 'stop': put('stop', prefix['stop']),
-      'done': put('done', False),
-  }
+  out = {name: state[name].at[slot].set(prefix[field]) for name, field in _INSERTED.items()}
+  out.update({name: state[name].at[slot].set(value) for name, value in _RESET.items()})
+  return dict(out, cache=cache)
 
 
 def _generate(graphdef, max_len, slots_out, mode, steps, span, params, state):

@@ -86,7 +86,8 @@ def profile(args, c, out_dir):
   cfg = presets.resolve(args.preset, dtype=args.dtype, param_dtype=args.dtype)
   engine = Engine(llama.create_model(cfg, seed=0), max_concurrent_decodes=c, max_len=args.max_len,
                   max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
-                  decode_steps=args.decode_steps, prefill_batch=args.prefill_batch)
+                  decode_steps=args.decode_steps, prefill_batch=args.prefill_batch,
+                  decode_attention=args.decode_attention)
   prompts = list(np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt)))
   n_new = 1 + args.chunks * args.decode_steps
 
@@ -116,7 +117,9 @@ def profile(args, c, out_dir):
     steps = wave(jax.profiler.TraceAnnotation)
   events, path = _events(trace_dir)
   if out_dir:
-    shutil.copy(path, os.path.join(out_dir, f'trace_{args.preset}_c{c}.json.gz'))
+    os.makedirs(out_dir, exist_ok=True)
+    name = f'trace_{args.preset}_c{c}_{args.decode_attention}.json.gz'
+    shutil.copy(path, os.path.join(out_dir, name))
   shutil.rmtree(trace_dir, ignore_errors=True)
   kernels = device_kernels(events)
   if not kernels:
@@ -148,7 +151,8 @@ def main():
   p.add_argument('--prefill_batch', type=int, default=8)
   p.add_argument('--chunks', type=int, default=4, help='generate_many dispatches profiled')
   p.add_argument('--top', type=int, default=12, help='kernels listed per concurrency')
-  p.add_argument('--out', default='', help='folder for the traces and results.json')
+  p.add_argument('--decode_attention', default='xla', help="the engine's: xla or pallas")
+  p.add_argument('--out', default='', help='folder for the traces and decode_profile_*.json')
   args = p.parse_args()
   results = []
   for c in (int(x) for x in args.concurrency.split(',')):
@@ -158,6 +162,7 @@ def main():
     results.append(r)
     print(f'\n{r["device"]} {args.preset} {args.dtype}: c={c}, prompt {args.prompt}, cache '
           f'{args.max_len}, prefill_batch {args.prefill_batch}, decode_steps {args.decode_steps}, '
+          f'decode_attention {args.decode_attention}, '
           f'{r["steps"]} decode steps profiled ({r["seconds"]:.0f} s with compilation)', flush=True)
     print(f'{"phase":<8} {"wall ms":>9} {"busy ms":>9} {"kernels":>8} {"sum ms":>9} '
           f'{"busy/wall":>9}')
@@ -173,7 +178,7 @@ def main():
       for ms, count, name in decode['top']:
         print(f'  {ms:>8.2f} ms {count:>6}x  {name[:110]}')
   if args.out:
-    with open(os.path.join(args.out, 'decode_profile.json'), 'w') as f:
+    with open(os.path.join(args.out, f'decode_profile_{args.decode_attention}.json'), 'w') as f:
       json.dump(results, f, indent=1)
 
 

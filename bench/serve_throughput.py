@@ -17,6 +17,9 @@ arrive at once and each generates exactly N tokens (random weights; EOS ignored)
   dispatch in one compiled loop, each request ending on the device at its N tokens, attention
   over the filled part of the cache only (a power-of-two span >= 128), the host reading each
   chunk once. TTFT: arrival to the first step's token.
+- `kern`: `many` with the decode step's cache write and attention in one Pallas kernel a layer
+  (Engine(decode_attention='pallas'), models/decode_attention.py; Triton on a GPU, Pallas'
+  interpreter on a CPU).
 - `hf`: transformers.LlamaForCausalLM of the same shape and dtype, `generate(do_sample=False,
   min_new_tokens=N, max_new_tokens=N)` on the batch of c prompts (dynamic cache, SDPA). TTFT:
   a generate of one token; ITL: (total - TTFT) / (N - 1).
@@ -29,6 +32,7 @@ reported is floor / measured ITL. `many` reads only the filled span of the cache
 weights with --quantize), so for it the fraction overstates how close it is to its own floor.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -85,7 +89,7 @@ def run_ours(args, preset, c):
           'device': jax.devices()[0].device_kind}
 
 
-def run_many(args, preset, c):
+def run_many(args, preset, c, decode_attention='xla'):
   """Our engine as the server and offline generation run it: generate_many, --decode_steps
   steps per dispatch with stopping on the device (each request's max_tokens = N)."""
   import jax
@@ -99,7 +103,7 @@ def run_many(args, preset, c):
   engine = Engine(model, max_concurrent_decodes=c, max_len=args.max_len,
                   max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
                   decode_steps=args.decode_steps, prefill_batch=args.prefill_batch,
-                  kv_dtype=args.kv_dtype)
+                  kv_dtype=args.kv_dtype, decode_attention=decode_attention)
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
 
   def once(n_new):
@@ -179,7 +183,7 @@ def main():
   parser.add_argument('--max_len', type=int, default=256, help='our cache length per slot')
   parser.add_argument('--dtype', default='float32', help='compute dtype (both sides)')
   parser.add_argument('--param_dtype', default=None, help='weight dtype (default: --dtype)')
-  parser.add_argument('--sides', default='ours,many,hf')
+  parser.add_argument('--sides', default='ours,many,hf', help='of ours, many, kern, hf')
   parser.add_argument('--decode_steps', type=int, default=8, help="`many`'s steps per dispatch")
   parser.add_argument('--copy_rate', type=float, default=COPY_RATE, help='device copy bytes/s for '
                       'the floor (H100 2.9e12, H200 4.3e12)')
@@ -192,7 +196,9 @@ def main():
   args.param_dtype = args.param_dtype or args.dtype
   if args.child:
     side, preset, c = args.child.split(':')
-    result = {'ours': run_ours, 'many': run_many, 'hf': run_hf}[side](args, preset, int(c))
+    result = {'ours': run_ours, 'many': run_many, 'hf': run_hf,
+              'kern': functools.partial(run_many, decode_attention='pallas')}[side](
+                  args, preset, int(c))
     print('RESULT ' + json.dumps(result), flush=True)
     return
   print(f'P={args.prompt} N={args.new} max_len={args.max_len} dtype={args.dtype} '
@@ -218,10 +224,11 @@ def main():
         print(f'{preset:8} {c:>3} {side:5} {r["ttft_ms"]:9.1f} {r["itl_ms"]:8.2f} '
               f'{r["tokens_per_s"]:9.0f} {frac:>7}  {r["device"]}', flush=True)
         rates[side] = r['tokens_per_s']
-      if 'many' in rates:
-        print(f'{preset:8} {c:>3} many: ' + ', '.join(
-            f'{rates["many"] / rates[peer]:.2f}x the tokens/s of {peer}'
-            for peer in ('ours', 'hf') if peer in rates), flush=True)
+      for side, peers in (('many', ('ours', 'hf')), ('kern', ('many', 'hf'))):
+        if side in rates and any(peer in rates for peer in peers):
+          print(f'{preset:8} {c:>3} {side}: ' + ', '.join(
+              f'{rates[side] / rates[peer]:.2f}x the tokens/s of {peer}'
+              for peer in peers if peer in rates), flush=True)
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.decode_attention import decode_attention
 from models.presets import LlamaConfig
 from models.sharding import Rules, constrain, named_shardings
 
@@ -84,7 +85,7 @@ class Attention(nnx.Module):
     self.wv = _linear(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), cfg, rngs, cfg.qkv_bias)
     self.wo = _linear(cfg.n_heads * hd, d, ('q_heads', 'embed'), cfg, rngs)
 
-  def __call__(self, x, positions, segment_ids, cache, attend_len=None):
+  def __call__(self, x, positions, segment_ids, cache, attend_len=None, decode_kernel=None):
     cfg = self.cfg
     b, t, _ = x.shape
     heads = ('act_batch', 'act_length', 'act_heads', None)
@@ -100,6 +101,13 @@ class Attention(nnx.Module):
           segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
       o = jax.nn.dot_product_attention(q, k, v, mask=same_doc, is_causal=True,
                                        implementation=attention_impl(cfg))
+    elif decode_kernel == 'pallas' and t == 1:
+      # One token per sequence: the cache write and the attention in one Pallas kernel.
+      span = cache['k'].shape[1] if attend_len is None else attend_len
+      o, ck, cv = decode_attention(q[:, 0], k[:, 0].astype(cache['k'].dtype),
+                                   v[:, 0].astype(cache['v'].dtype), cache['k'], cache['v'],
+                                   positions[:, 0], span=span)
+      o, cache = o[:, None], {'k': ck, 'v': cv}
     else:
       # Write this chunk's keys/values at their positions, then attend over the whole cache.
       # Slots hold sequences of different lengths; a key is visible iff its index <= the query's
@@ -140,14 +148,15 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
     self.mlp = MLP(cfg, rules, rngs)
 
-  def __call__(self, x, positions, segment_ids, cache, attend_len=None):
-    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, attend_len)
+  def __call__(self, x, positions, segment_ids, cache, attend_len=None, decode_kernel=None):
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, attend_len,
+                         decode_kernel)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _block_forward(block, x, positions, segment_ids, cache, attend_len=None):
-  return block(x, positions, segment_ids, cache, attend_len)
+def _block_forward(block, x, positions, segment_ids, cache, attend_len=None, decode_kernel=None):
+  return block(x, positions, segment_ids, cache, attend_len, decode_kernel)
 
 
 _REMAT = {
@@ -171,7 +180,8 @@ class Llama(nnx.Module):
         cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, *,
-               return_hidden: bool = False, attend_len: int | None = None):
+               return_hidden: bool = False, attend_len: int | None = None,
+               decode_kernel: str | None = None):
     """tokens [B, T] -> logits [B, T, vocab] in fp32, and the updated cache when one is given.
 
     positions: [B, T] position of each token in its sequence (default 0..T-1); with a cache they
@@ -181,9 +191,12 @@ class Llama(nnx.Module):
     `__call__` rather than a call of `hidden_states` because qwix's LoRA intercepts `__call__`
     only: a LoRA model must be run through it. attend_len (static, with a cache): attention reads
     only the cache's first attend_len positions, which must hold every query position (decode
-    steps of sequences shorter than the cache).
+    steps of sequences shorter than the cache). decode_kernel (static, with a cache): 'pallas'
+    runs one-token steps' cache write and attention as one kernel a layer
+    (models/decode_attention.py); None or 'xla' leaves them to XLA.
     """
-    x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, attend_len)
+    x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, attend_len,
+                                      decode_kernel)
     out = x if return_hidden else self.head(x)
     return out if cache is None else (out, new_cache)
 
@@ -194,7 +207,7 @@ class Llama(nnx.Module):
                      self.rules)
 
   def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-                    attend_len: int | None = None):
+                    attend_len: int | None = None, decode_kernel: str | None = None):
     """The final-norm hidden states [B, T, d_model] (what the LM head reads; a reward or value
     head reads them too), and the updated cache (None without one)."""
     b, t = tokens.shape
@@ -211,7 +224,8 @@ class Llama(nnx.Module):
       if cache is None:
         x, layer_cache = _REMAT[self.cfg.remat](layer, x, positions, segment_ids, None)
       else:
-        x, layer_cache = _block_forward(layer, x, positions, segment_ids, cache[i], attend_len)
+        x, layer_cache = _block_forward(layer, x, positions, segment_ids, cache[i], attend_len,
+                                        decode_kernel)
       x = constrain(x, act, self.rules)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.decode_attention import check_shapes
 from models.llama import Llama, init_cache
 from models.sharding import logical_to_mesh
 
@@ -49,6 +50,7 @@ TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (Open
 # 374m step then took 1.5 ms of kernels, against 0.55 ms for the GEMM kernels of a 64-row step
 # (bench/RESULTS.md). On a CPU one row is faster (small: 0.98 against 1.46 ms a token).
 MIN_DECODE_ROWS = {'gpu': 2}
+DECODE_ATTENTION = ('xla', 'pallas')  # Engine(decode_attention=): the decode step's attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Engine:
                max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None,
                decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH,
                kv_dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
-               min_decode_rows: int | None = None):
+               min_decode_rows: int | None = None, decode_attention: str = 'xla'):
     self.cfg = model.cfg
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
       raise ValueError(f'prefill_chunk must be a power of two >= {MIN_BUCKET}, got '
@@ -171,9 +173,22 @@ class Engine:
                        f'{self.max_len}')
     self.slots = max_concurrent_decodes
     self._mesh, self.rules, self.tokenizer = mesh, rules, tokenizer
+    # The decode step's cache write and attention: XLA's ops, or one Pallas kernel a layer
+    # (models/decode_attention.py: Triton on GPUs, its interpreter on a CPU).
+    if decode_attention not in DECODE_ATTENTION:
+      raise ValueError(f'decode_attention={decode_attention!r}: expected one of '
+                       f'{DECODE_ATTENTION}')
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    if decode_attention == 'pallas':
+      if mesh is not None and mesh.devices.size > 1:
+        raise ValueError("decode_attention='pallas' runs on one device; this mesh has "
+                         f'{mesh.devices.size}')
+      if platform == 'tpu':
+        raise ValueError("decode_attention='pallas' is a Triton kernel (GPU); on a TPU use 'xla'")
+      check_shapes(self.cfg.head_dim, self.max_len)
+    self.decode_attention = decode_attention
     # The decode state's rows: the slots, and spare empty ones up to min_decode_rows (default:
     # MIN_DECODE_ROWS of the platform). Outputs cover the slots only.
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     self.rows = max(self.slots, min_decode_rows or MIN_DECODE_ROWS.get(platform, 1))
     self.graphdef, self.params = nnx.split(model)
     # The graph definition is static; parameters are arguments, so new weights of the same
@@ -202,7 +217,7 @@ class Engine:
         1 << max(ATTEND_BUCKET, self.max_len - 1).bit_length()) if b >= ATTEND_BUCKET}
         | {self.max_len})
     self._generate = {(mode, steps, span): jax.jit(functools.partial(
-        _generate, self.graphdef, self.max_len, self.slots, mode, steps, span),
+        _generate, self.graphdef, self.max_len, self.slots, mode, steps, span, decode_attention),
         donate_argnums=1)
         for mode in MODES for steps in {1, decode_steps} for span in self.attend_buckets}
     # Host-side bound on each live slot's cache position: slot -> [bound, dispatch count at
@@ -738,7 +753,7 @@ def _insert(prefix, state, slot):
   return dict(out, cache=cache)
 
 
-def _generate(graphdef, max_len, slots_out, mode, steps, span, params, state):
+def _generate(graphdef, max_len, slots_out, mode, steps, span, kernel, params, state):
   """`steps` decode steps for every slot, in a while loop that ends early once no slot is live.
 
   A step returns each live slot's pending token (sampled by the step before, or by prefill) and
@@ -755,7 +770,7 @@ def _generate(graphdef, max_len, slots_out, mode, steps, span, params, state):
     i, s, out = carry
     active, pos, emitted = live(s), s['pos'], s['tokens']
     logits, cache = model(emitted[:, None], pos[:, None], cache=s['cache'],
-                          attend_len=None if span >= max_len else span)
+                          attend_len=None if span >= max_len else span, decode_kernel=kernel)
     nxt, logp = sample_tokens(logits[:, 0], s['key'], pos + 1, s['temperature'], s['top_k'],
                               s['top_p'], mode)
     returned = s['returned'] + active

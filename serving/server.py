@@ -69,6 +69,10 @@ _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8', 'int4'], 'Wei
                               'quantization of the projections (models/quantize.py, qwix).')
 _KV_DTYPE = flags.DEFINE_enum('kv_dtype', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
                               "The KV cache's dtype (auto: the compute dtype).")
+_DECODE_ATTENTION = flags.DEFINE_enum('decode_attention', 'xla', ['xla', 'pallas'], "The decode "
+                                      "step's cache write and attention: XLA's ops, or one Pallas "
+                                      '(Triton) kernel a layer, on one GPU (models/'
+                                      'decode_attention.py).')
 _DTYPE = entry.define_dtype_flag()
 
 
@@ -230,7 +234,7 @@ def main(argv):
                                max_concurrent_decodes=slots, max_len=max_len,
                                max_prefill_length=max_prefill, decode_steps=_DECODE_STEPS.value,
                                prefill_batch=_PREFILL_BATCH.value,
-                               quantize=_QUANTIZE.value,
+                               quantize=_QUANTIZE.value, decode_attention=_DECODE_ATTENTION.value,
                                kv_dtype=None if _KV_DTYPE.value == 'auto' else _KV_DTYPE.value)
   print(f'{engine.cfg.num_params():,}-parameter model computing in {engine.cfg.dtype} '
         f'(--dtype={_DTYPE.value}) on {jax.default_backend()}; {slots} decode slots of {max_len} '

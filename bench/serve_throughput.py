@@ -20,6 +20,9 @@ arrive at once and each generates exactly N tokens (random weights; EOS ignored)
 - `kern`: `many` with the decode step's cache write and attention in one Pallas kernel a layer
   (Engine(decode_attention='pallas'), models/decode_attention.py; Triton on a GPU, Pallas'
   interpreter on a CPU).
+- `exit`: `many` with a decode loop that stops as soon as no request is live (Engine(early_exit=
+  True), the default on CPUs and TPUs; on a GPU the engine runs a fixed trip count, which XLA
+  queues without reading the loop condition on the host after every step).
 - `hf`: transformers.LlamaForCausalLM of the same shape and dtype, `generate(do_sample=False,
   min_new_tokens=N, max_new_tokens=N)` on the batch of c prompts (dynamic cache, SDPA). TTFT:
   a generate of one token; ITL: (total - TTFT) / (N - 1).
@@ -89,7 +92,7 @@ def run_ours(args, preset, c):
           'device': jax.devices()[0].device_kind}
 
 
-def run_many(args, preset, c, decode_attention='xla'):
+def run_many(args, preset, c, decode_attention='xla', early_exit=None):
   """Our engine as the server and offline generation run it: generate_many, --decode_steps
   steps per dispatch with stopping on the device (each request's max_tokens = N)."""
   import jax
@@ -103,7 +106,8 @@ def run_many(args, preset, c, decode_attention='xla'):
   engine = Engine(model, max_concurrent_decodes=c, max_len=args.max_len,
                   max_prefill_length=max(16, 1 << (args.prompt - 1).bit_length()),
                   decode_steps=args.decode_steps, prefill_batch=args.prefill_batch,
-                  kv_dtype=args.kv_dtype, decode_attention=decode_attention)
+                  kv_dtype=args.kv_dtype, decode_attention=decode_attention,
+                  early_exit=early_exit)
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (c, args.prompt))
 
   def once(n_new):
@@ -183,7 +187,7 @@ def main():
   parser.add_argument('--max_len', type=int, default=256, help='our cache length per slot')
   parser.add_argument('--dtype', default='float32', help='compute dtype (both sides)')
   parser.add_argument('--param_dtype', default=None, help='weight dtype (default: --dtype)')
-  parser.add_argument('--sides', default='ours,many,hf', help='of ours, many, kern, hf')
+  parser.add_argument('--sides', default='ours,many,hf', help='of ours, many, kern, exit, hf')
   parser.add_argument('--decode_steps', type=int, default=8, help="`many`'s steps per dispatch")
   parser.add_argument('--copy_rate', type=float, default=COPY_RATE, help='device copy bytes/s for '
                       'the floor (H100 2.9e12, H200 4.3e12)')
@@ -197,7 +201,8 @@ def main():
   if args.child:
     side, preset, c = args.child.split(':')
     result = {'ours': run_ours, 'many': run_many, 'hf': run_hf,
-              'kern': functools.partial(run_many, decode_attention='pallas')}[side](
+              'kern': functools.partial(run_many, decode_attention='pallas'),
+              'exit': functools.partial(run_many, early_exit=True)}[side](
                   args, preset, int(c))
     print('RESULT ' + json.dumps(result), flush=True)
     return
@@ -224,7 +229,7 @@ def main():
         print(f'{preset:8} {c:>3} {side:5} {r["ttft_ms"]:9.1f} {r["itl_ms"]:8.2f} '
               f'{r["tokens_per_s"]:9.0f} {frac:>7}  {r["device"]}', flush=True)
         rates[side] = r['tokens_per_s']
-      for side, peers in (('many', ('ours', 'hf')), ('kern', ('many', 'hf'))):
+      for side, peers in (('many', ('ours', 'exit', 'hf')), ('kern', ('many', 'hf'))):
         if side in rates and any(peer in rates for peer in peers):
           print(f'{preset:8} {c:>3} {side}: ' + ', '.join(
               f'{rates[side] / rates[peer]:.2f}x the tokens/s of {peer}'

@@ -5,9 +5,10 @@ It follows JetStream's Engine API (prefill a prompt into a prefix, insert the pr
 object runs under JetStream's orchestrator (serving/jetstream_compat.py wraps it) and under our
 own offline loop (serving/offline.py). It does not import JetStream itself, so trainers and the
 GPU benchmark use it without JetStream's dependencies. Both of those run `generate_many`:
-`decode_steps` steps inside one compiled while loop, with each sequence ending on the device (at
-its max_tokens or a stop id such as EOS) and the loop ending once no slot is live, so the host
-syncs once per chunk rather than once per token (tpu-inference and sglang-jax do the same).
+`decode_steps` steps inside one compiled loop, with each sequence ending on the device (at its
+max_tokens or a stop id such as EOS) and the loop ending once no slot is live (on a GPU it runs
+its steps whatever happens: EARLY_EXIT), so the host syncs once per chunk rather than once per
+token (tpu-inference and sglang-jax do the same).
 
 The decode state holds, per slot, its KV cache, its position, the token sampled but not yet
 returned, and its own sampling parameters (temperature, top-k, top-p, random key), so one step
@@ -51,6 +52,14 @@ TOP_LOGPROBS = 5  # Alternatives per position that prompt_logprobs returns (Open
 # (bench/RESULTS.md). On a CPU one row is faster (small: 0.98 against 1.46 ms a token).
 MIN_DECODE_ROWS = {'gpu': 2}
 DECODE_ATTENTION = ('xla', 'pallas')  # Engine(decode_attention=): the decode step's attention
+# Whether generate_many's loop stops once no slot is live, by platform. XLA's GPU runtime reads a
+# while loop's condition on the host after every iteration (a device-to-host copy and a wait for
+# the stream: about 0.2 ms of a 1.2 ms step at one request on an H200, 0.5 of 2.0 ms at 64,
+# bench/RESULTS.md); a loop of a fixed trip count it queues without waiting. So on a GPU the
+# loop runs all its steps, ended slots riding along frozen as they already do beside live ones,
+# at the cost of up to `steps - 1` idle steps when the last sequence ends mid-dispatch. CPUs and
+# TPUs evaluate the condition where the loop runs, and stop early.
+EARLY_EXIT = {'gpu': False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +153,8 @@ class Engine:
                max_prefill_length: int | None = None, mesh=None, rules=None, tokenizer=None,
                decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH,
                kv_dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
-               min_decode_rows: int | None = None, decode_attention: str = 'xla'):
+               min_decode_rows: int | None = None, decode_attention: str = 'xla',
+               early_exit: bool | None = None):
     self.cfg = model.cfg
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
       raise ValueError(f'prefill_chunk must be a power of two >= {MIN_BUCKET}, got '
@@ -187,6 +197,10 @@ class Engine:
         raise ValueError("decode_attention='pallas' is a Triton kernel (GPU); on a TPU use 'xla'")
       check_shapes(self.cfg.head_dim, self.max_len)
     self.decode_attention = decode_attention
+    # Whether generate_many's loop ends as soon as no slot is live (default: EARLY_EXIT of the
+    # platform). Without it the loop runs its `steps` whatever happens, which XLA's GPU runtime
+    # needs to queue the steps without a host round trip each.
+    self.early_exit = EARLY_EXIT.get(platform, True) if early_exit is None else early_exit
     # The decode state's rows: the slots, and spare empty ones up to min_decode_rows (default:
     # MIN_DECODE_ROWS of the platform). Outputs cover the slots only.
     self.rows = max(self.slots, min_decode_rows or MIN_DECODE_ROWS.get(platform, 1))
@@ -201,7 +215,8 @@ class Engine:
     self._insert_row = jax.jit(_insert_row, donate_argnums=5)
     self._insert_rows = jax.jit(_insert_rows, donate_argnums=5)
     self._first_token = jax.jit(_first_token)
-    self._head = jax.jit(lambda params, h: nnx.merge(self.graphdef, params).head(h[None, None])[0, 0])
+    self._head = jax.jit(
+        lambda params, h: nnx.merge(self.graphdef, params).head(h[None, None])[0, 0])
     self._score = jax.jit(functools.partial(_score, self.graphdef))
     # Lengths prompt_logprobs pads to: powers of two up to the whole cache.
     self.score_buckets = [b for b in prefill_buckets(1 << (self.max_len - 1).bit_length())
@@ -217,7 +232,8 @@ class Engine:
         1 << max(ATTEND_BUCKET, self.max_len - 1).bit_length()) if b >= ATTEND_BUCKET}
         | {self.max_len})
     self._generate = {(mode, steps, span): jax.jit(functools.partial(
-        _generate, self.graphdef, self.max_len, self.slots, mode, steps, span, decode_attention),
+        _generate, self.graphdef, self.max_len, self.slots, mode, steps, span, decode_attention,
+        self.early_exit),
         donate_argnums=1)
         for mode in MODES for steps in {1, decode_steps} for span in self.attend_buckets}
     # Host-side bound on each live slot's cache position: slot -> [bound, dispatch count at
@@ -753,8 +769,9 @@ def _insert(prefix, state, slot):
   return dict(out, cache=cache)
 
 
-def _generate(graphdef, max_len, slots_out, mode, steps, span, kernel, params, state):
-  """`steps` decode steps for every slot, in a while loop that ends early once no slot is live.
+def _generate(graphdef, max_len, slots_out, mode, steps, span, kernel, early_exit, params, state):
+  """`steps` decode steps for every slot, in a loop that ends early once no slot is live if
+  `early_exit`, else runs them all (a fixed trip count).
 
   A step returns each live slot's pending token (sampled by the step before, or by prefill) and
   samples the next; a slot ends after returning one of its stop ids or its `limit`-th token, and
@@ -791,7 +808,9 @@ def _generate(graphdef, max_len, slots_out, mode, steps, span, kernel, params, s
   carry = (jnp.int32(0), state, out)
   if steps == 1:  # JetStream's one step: no loop around it.
     carry = step(carry)
-  else:
+  elif early_exit:
     carry = jax.lax.while_loop(lambda c: (c[0] < steps) & live(c[1]).any(), step, carry)
+  else:
+    carry = jax.lax.fori_loop(0, steps, lambda _, c: step(c), carry)
   _, state, out = carry
   return state, {k: v[:slots_out] for k, v in dict(out, lengths=state['returned']).items()}

@@ -118,16 +118,16 @@ def test_the_kernel_ends_a_sequence_at_a_full_cache(model):
 
 
 def test_the_engine_decode_step_lowers_for_a_gpu(model):
-  # The whole generate_many dispatch (a while loop of decode steps), exported for a GPU: the
-  # Triton kernel (one function, jitted) called once per layer inside it.
+  # The whole generate_many dispatch (a loop of decode steps, as a GPU runs it), exported for a
+  # GPU: the Triton kernel (one function, jitted) called once per layer inside it.
   engine = Engine(model, max_concurrent_decodes=2, max_len=96, max_prefill_length=64,
                   decode_attention='pallas')
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   step = functools.partial(_generate, engine.graphdef, engine.max_len, engine.slots, 'greedy',
-                           4, 96, 'pallas')
+                           4, 96, 'pallas', False)
   module = _export_for_gpu(step, abstract(engine.params), abstract(engine.init_decode_state()))
   assert module.count(TRITON) == 1
-  assert module.count('func.call @decode_attention(') == CFG.n_layers
+  assert module.count('call @decode_attention(') == CFG.n_layers
 
 
 def test_bad_decode_attention_settings_are_errors(model):

@@ -318,11 +318,13 @@ def test_key_data_on_the_host_is_jax_randoms():
     assert key_data(seed).dtype == want.dtype
 
 
-def test_generate_many_ends_sequences_on_the_device(model):
+@pytest.mark.parametrize('early_exit', [True, False])
+def test_generate_many_ends_sequences_on_the_device(model, early_exit):
   # decode_steps=4: one dispatch returns up to 4 tokens a slot, nothing valid after a slot's
-  # max_tokens, and the loop stops early once every slot has ended.
+  # max_tokens, and the loop stops early once every slot has ended (early_exit) or runs its 4
+  # steps with the ended slots frozen (as on a GPU): the same outputs.
   engine = Engine(model, max_concurrent_decodes=2, max_len=96, max_prefill_length=64,
-                  decode_steps=4)
+                  decode_steps=4, early_exit=early_exit)
   state = engine.init_decode_state()
   for slot, (prompt, limit) in enumerate([(PROMPTS[0], 6), (PROMPTS[1], 2)]):
     padded, n = engine.pad_prompt(prompt)
@@ -338,6 +340,27 @@ def test_generate_many_ends_sequences_on_the_device(model):
   assert tokens[0] == _greedy_without_cache(model, PROMPTS[0], 6)
   assert tokens[1] == _greedy_without_cache(model, PROMPTS[1], 2)
   assert step['lengths'].tolist() == [6, 2]
+
+
+def test_a_loop_without_early_exit_has_a_known_trip_count_and_decodes_the_same(model):
+  # What XLA's GPU runtime needs to queue a dispatch's steps without reading the loop condition
+  # on the host after each (serving/engine.py, EARLY_EXIT): a trip count its compiler can see.
+  kw = dict(max_concurrent_decodes=2, max_len=64, max_prefill_length=64, decode_steps=4)
+  stopping, fixed = Engine(model, early_exit=True, **kw), Engine(model, early_exit=False, **kw)
+  hlo = lambda e: e._generate['greedy', 4, 64].lower(e.params, e.init_decode_state()).compile()
+  assert '"known_trip_count":' not in hlo(stopping).as_text()
+  assert '"known_trip_count":{"n":"4"}' in hlo(fixed).as_text()
+  sampling = SamplingParams(temperature=1.0, seed=11)
+  eos = offline.generate(stopping, PROMPTS[:1], max_tokens=8, sampling=sampling)[0].tokens[2]
+  for kwargs in (dict(max_tokens=7), dict(max_tokens=40),  # the second fills the cache
+                 dict(max_tokens=9, sampling=sampling, eos_id=eos)):  # some end at eos
+    want = offline.generate(stopping, PROMPTS, **kwargs)
+    got = offline.generate(fixed, PROMPTS, **kwargs)
+    assert [(c.tokens, c.finish_reason) for c in got] == [
+        (c.tokens, c.finish_reason) for c in want]
+    np.testing.assert_allclose([x for c in got for x in c.logprobs],
+                               [x for c in want for x in c.logprobs], atol=1e-6)
+  assert {c.finish_reason for c in want} >= {'stop'}
 
 
 def test_decode_attends_over_the_filled_part_of_the_cache_only(model):

@@ -125,9 +125,10 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, positions, *, span: int,
   """Attention of one new token per sequence over its cache, with the cache write.
 
   q [B, H, hd]; k_new, v_new [B, KVH, hd] (the new token's key, after RoPE, and value); cache_k,
-  cache_v [B, S, KVH, hd]; positions [B] (the new token's position; it must be < span <= S).
-  The token attends to cache positions < its position and to itself (positions beyond it hold
-  whatever a previous sequence left and are never read). Query head h uses kv head h // (H / KVH),
+  cache_v [B, S, KVH, hd]; positions [B] (the new token's position, < span <= S; a row at or
+  beyond span, such as an ended slot the engine carries along, writes nothing and its output is
+  meaningless). The token attends to cache positions < its position and to itself (positions
+  beyond it hold whatever a previous sequence left and are never read). Query head h uses kv head h // (H / KVH),
   as jax.nn.dot_product_attention groups them. Returns (o [B, H, hd] in q's dtype, cache_k and
   cache_v with the new key and value at `positions`, updated in place).
   """

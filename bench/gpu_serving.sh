@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10's engine goal on the GPU machine, prepared for a session that has one (run through the
-# device tool from the repository root, carrying .whl with qwix; about 8 minutes on an H200):
+# device tool from the repository root; about 8 minutes on an H200; it needs nothing beyond the
+# machine's JAX, optax, torch and transformers, and installs .whl/ if carried):
 #   bash bench/gpu_serving.sh
 # 374m in bf16, 128-token prompts, 256 new tokens, a 1024-token cache, 1 and 64 concurrent
 # requests: `many` (the engine: 32 decode steps per dispatch in a loop of fixed trip count,

@@ -62,6 +62,26 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def cache_attention(q, k, v, cache, positions, attend_len=None):
+  """XLA's path through a KV cache: q [B, T, N, H], k and v [B, T, KVH, H] of a chunk at
+  `positions` [B, T] -> (attention output [B, T, N, H], the cache with the chunk written).
+
+  Write this chunk's keys/values at their positions, then attend over the cache. Slots hold
+  sequences of different lengths; a key is visible iff its index <= the query's position, which
+  also hides whatever a previous sequence left beyond the current one. attend_len (static):
+  attend over the cache's first attend_len positions only, which the caller guarantees hold every
+  position of these queries (the engine's length buckets)."""
+  rows = jnp.arange(q.shape[0])[:, None]
+  cache = {'k': cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype)),
+           'v': cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))}
+  span = cache['k'].shape[1] if attend_len is None else attend_len
+  visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  o = jax.nn.dot_product_attention(q, cache['k'][:, :span].astype(q.dtype),
+                                   cache['v'][:, :span].astype(q.dtype),
+                                   mask=visible[:, None], implementation='xla')
+  return o, cache
+
+
 def _linear(d_in, d_out, names, cfg, rngs, bias=False):
   return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=_init(names),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
@@ -109,19 +129,7 @@ class Attention(nnx.Module):
                                    positions[:, 0], span=span)
       o, cache = o[:, None], {'k': ck, 'v': cv}
     else:
-      # Write this chunk's keys/values at their positions, then attend over the whole cache.
-      # Slots hold sequences of different lengths; a key is visible iff its index <= the query's
-      # position, which also hides whatever a previous sequence left beyond the current one.
-      rows = jnp.arange(b)[:, None]
-      cache = {'k': cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype)),
-               'v': cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))}
-      # attend_len (static): attend over the cache's first attend_len positions only, which the
-      # caller guarantees hold every position of these queries (the engine's length buckets).
-      span = cache['k'].shape[1] if attend_len is None else attend_len
-      visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-      o = jax.nn.dot_product_attention(q, cache['k'][:, :span].astype(q.dtype),
-                                       cache['v'][:, :span].astype(q.dtype),
-                                       mask=visible[:, None], implementation='xla')
+      o, cache = cache_attention(q, k, v, cache, positions, attend_len)
     o = constrain(o, heads, self.rules)
     return self.wo(o.reshape(b, t, -1)), cache
 

@@ -22,15 +22,10 @@ TRITON = '__gpu$xla.gpu.triton'
 
 
 def _reference(q, k_new, v_new, cache_k, cache_v, positions, span):
-  """The model's XLA path: scatter the new key and value, attend over positions <= pos."""
-  rows = jnp.arange(q.shape[0])
-  cache_k = cache_k.at[rows, positions].set(k_new)
-  cache_v = cache_v.at[rows, positions].set(v_new)
-  visible = jnp.arange(span)[None, None, :] <= positions[:, None, None]
-  o = jax.nn.dot_product_attention(q[:, None], cache_k[:, :span].astype(q.dtype),
-                                   cache_v[:, :span].astype(q.dtype), mask=visible[:, None],
-                                   implementation='xla')
-  return o[:, 0], cache_k, cache_v
+  """The model's XLA path (llama.cache_attention) for one token per sequence."""
+  o, cache = llama.cache_attention(q[:, None], k_new[:, None], v_new[:, None],
+                                   {'k': cache_k, 'v': cache_v}, positions[:, None], span)
+  return o[:, 0], cache['k'], cache['v']
 
 
 @pytest.mark.parametrize('b,h,kvh,hd,length,span,splits,dtype,kv_dtype', [

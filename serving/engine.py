@@ -37,6 +37,7 @@ from flax import nnx
 from models.decode_attention import check_shapes
 from models.llama import Llama, init_cache
 from models.sharding import logical_to_mesh
+from serving.prefix_cache import PrefixCache
 
 MIN_BUCKET = 16
 DECODE_STEPS = 8  # decode steps per dispatch (generate_many), the engine's default
@@ -154,7 +155,7 @@ class Engine:
                decode_steps: int = DECODE_STEPS, prefill_batch: int = PREFILL_BATCH,
                kv_dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
                min_decode_rows: int | None = None, decode_attention: str = 'xla',
-               early_exit: bool | None = None):
+               early_exit: bool | None = None, prefix_cache_tokens: int = 0):
     self.cfg = model.cfg
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
       raise ValueError(f'prefill_chunk must be a power of two >= {MIN_BUCKET}, got '
@@ -215,8 +216,9 @@ class Engine:
     self._insert_row = jax.jit(_insert_row, donate_argnums=5)
     self._insert_rows = jax.jit(_insert_rows, donate_argnums=5)
     self._first_token = jax.jit(_first_token)
-    self._head = jax.jit(
-        lambda params, h: nnx.merge(self.graphdef, params).head(h[None, None])[0, 0])
+    # The logits of hidden[0, i] (a chunk's hidden states [1, C, d]): one compile per chunk width.
+    self._head = jax.jit(lambda params, hidden, i: nnx.merge(self.graphdef, params).head(
+        jax.lax.dynamic_index_in_dim(hidden[0], i, keepdims=True)[None])[0, 0])
     self._score = jax.jit(functools.partial(_score, self.graphdef))
     # Lengths prompt_logprobs pads to: powers of two up to the whole cache.
     self.score_buckets = [b for b in prefill_buckets(1 << (self.max_len - 1).bit_length())
@@ -245,6 +247,12 @@ class Engine:
     self._pending = collections.deque()  # (dispatch index, its `valid` output)
     self._slot_modes = {}  # slot -> decode mode of the request it holds.
     self._init_state = jax.jit(self._empty_state, out_shardings=self._state_shardings())
+    # Automatic prefix caching (serving/prefix_cache.py): recent prompts' KV caches, up to this
+    # many positions, reused by prompts that begin the same way; 0 = off.
+    self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+    self._fit = jax.jit(_fit_cache, static_argnums=1)
+    self._row_cache = jax.jit(lambda cache, row: [
+        {m: jax.lax.dynamic_slice_in_dim(layer[m], row, 1) for m in layer} for layer in cache])
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step: int | None = None, mesh=None, rules=None,
@@ -276,14 +284,18 @@ class Engine:
 
   def prefill(self, *, params, padded_tokens, true_length: int, existing_prefix=None,
               sampling: SamplingParams | None = None, max_tokens: int | None = None,
-              stop_ids=()):
+              stop_ids=(), lookup: bool = True):
     """Runs the prompt, samples its first new token; returns the prefix for `insert`.
 
     max_tokens (default: until the cache is full) and stop_ids (up to MAX_STOP_IDS token ids,
     EOS among them as the caller says) end the sequence on the device: its slot returns at most
-    max_tokens tokens and nothing after the first stop id (which it returns)."""
+    max_tokens tokens and nothing after the first stop id (which it returns). With a prefix
+    cache (prefix_cache_tokens), a cached beginning of the prompt is reused unless `lookup` is
+    False (prefill_batch_of has looked already), and the prompt's cache is kept for later ones."""
     if existing_prefix is not None:
-      raise NotImplementedError('prefix caching (existing_prefix) is not supported')
+      raise NotImplementedError(
+          "JetStream's explicit existing_prefix is not supported; Engine(prefix_cache_tokens=N) "
+          'reuses the caches of earlier prompts that begin like this one')
     padded_tokens = np.asarray(padded_tokens, np.int32)
     if padded_tokens.shape[0] not in self.buckets:
       raise ValueError(f'padded prompt length {padded_tokens.shape[0]} is not one of the '
@@ -291,12 +303,16 @@ class Engine:
     if not 0 < true_length <= padded_tokens.shape[0]:
       raise ValueError(f'true_length={true_length} outside (0, {padded_tokens.shape[0]}]')
     with self._mesh_context():
-      if padded_tokens.shape[0] > self.prefill_chunk:
+      prefix = self._cached_prefill(params, padded_tokens, true_length,
+                                    sampling or SamplingParams()) if lookup else None
+      if prefix is None and padded_tokens.shape[0] > self.prefill_chunk:
         prefix = self._chunked_prefill(params, padded_tokens, true_length,
                                        sampling or SamplingParams())
-      else:
+      elif prefix is None:
         prefix = self._prefill(params, padded_tokens, np.int32(true_length),
                                *_sampling_args(sampling or SamplingParams()))
+    if self.prefix_cache is not None:
+      self._keep(padded_tokens[:true_length], prefix['cache'])
     return dict(prefix, **self._limits(max_tokens, stop_ids),
                 mode=(sampling or SamplingParams()).mode, length=int(true_length))
 
@@ -310,9 +326,64 @@ class Engine:
     for start in range(0, true_length, c):
       hidden, cache = self._prefill_part(params, padded_tokens[start:start + c][None],
                                          np.int32(start), cache)
-    last = self._head(params, hidden[0, (true_length - 1) % c])
-    return self._first_token({'cache': cache, 'logits': last, 'pos': np.int32(true_length)},
-                             *_sampling_args(sampling))
+    last = self._head(params, hidden, np.int32((true_length - 1) % c))
+    return self._draw_first(cache, last, true_length, sampling)
+
+  def _draw_first(self, cache, logits, true_length: int, sampling):
+    """The prefix of a prompt prefilled in chunks: its first token drawn from the last logits.
+    The draw is resample's (the cache is not an argument), so it compiles once for every bucket
+    and warm-up has compiled it."""
+    drawn = self._first_token({'logits': logits, 'pos': np.int32(true_length)},
+                              *_sampling_args(sampling))
+    return dict(drawn, cache=cache)
+
+  def _reuse_plan(self, start: int, true_length: int, bucket: int):
+    """How a prompt of `true_length` tokens (its bucket `bucket`) whose first `start` positions
+    are cached prefills the rest: (the chunks' starts, their width), or None when that runs no
+    fewer positions than prefilling it whole. The width is the smallest bucket that holds the
+    rest, at most prefill_chunk (then the rest runs in chunks of that width); a chunk that would
+    pass the end of the bucket starts earlier instead, recomputing a few cached positions."""
+    rest = true_length - start
+    width = min(self.prefill_chunk, next(b for b in self.buckets if b >= rest))
+    starts, at = [], start
+    while at < true_length:
+      starts.append(min(at, bucket - width))
+      at += width
+    whole = bucket if bucket <= self.prefill_chunk else (
+        -(-true_length // self.prefill_chunk) * self.prefill_chunk)
+    return (starts, width) if len(starts) * width < whole else None
+
+  def _cached_prefill(self, params, padded_tokens, true_length: int, sampling):
+    """Prefill through the prefix cache: the longest cached prefix of the prompt (at most all
+    but its last token) is copied into the prompt's cache and only the rest runs, in chunks like
+    _chunked_prefill's. None when the cache is off, holds nothing useful, or would save nothing."""
+    cache = self.prefix_cache
+    if cache is None:
+      return None
+    cache.sync(params)
+    bucket = padded_tokens.shape[0]
+    found, entry = cache.lookup(padded_tokens[:true_length], limit=true_length - 1)
+    plan = self._reuse_plan(found, true_length, bucket) if found else None
+    if plan is None:
+      return None
+    starts, width = plan
+    cache.hit(starts[0])
+    kv = self._fit(entry, bucket)  # a new cache: the entry stays intact
+    for start in starts:
+      hidden, kv = self._prefill_part(params, padded_tokens[start:start + width][None],
+                                      np.int32(start), kv)
+    last = self._head(params, hidden, np.int32(true_length - 1 - starts[-1]))
+    return self._draw_first(kv, last, true_length, sampling)
+
+  def _keep(self, tokens, cache):
+    """Puts a copy of a prompt's cache (a bucket's [1, bucket, ...] per layer) in the prefix
+    cache. A copy: the prefix itself goes to insert, and JetStream's orchestrator deletes a
+    prefix's arrays once it is inserted; the copy is one dispatch, and none when every whole
+    block of the prompt is cached already."""
+    size = cache[0]['k'].shape[1]
+    if size <= self.prefix_cache.capacity and not self.prefix_cache.holds(tokens):
+      with self._mesh_context():
+        self.prefix_cache.store(tokens, self._fit(cache, size), size)
 
   def _limits(self, max_tokens, stop_ids) -> dict:
     if max_tokens is not None and max_tokens < 1:
@@ -344,7 +415,15 @@ class Engine:
     padded = [self.pad_prompt(p) for p in prompts]
     out = [None] * n
     by_bucket = {}
-    for i, (tokens, _) in enumerate(padded):
+    for i, (tokens, length) in enumerate(padded):
+      if self.prefix_cache is not None:  # Prompts with a cached prefix go alone, the rest batched.
+        with self._mesh_context():
+          hit = self._cached_prefill(params, tokens, length, samplings[i])
+        if hit is not None:
+          self._keep(tokens[:length], hit['cache'])
+          out[i] = dict(hit, **self._limits(limits[i], stops[i]), mode=samplings[i].mode,
+                        length=length)
+          continue
       by_bucket.setdefault(len(tokens), []).append(i)
     for rows in by_bucket.values():
       for start in range(0, len(rows), self.prefill_batch):
@@ -353,13 +432,7 @@ class Engine:
           for i in group:
             out[i] = self.prefill(params=params, padded_tokens=padded[i][0],
                                   true_length=padded[i][1], sampling=samplings[i],
-                                  max_tokens=limits[i], stop_ids=stops[i])
-          continue
-        if len(group) == 1:
-          i = group[0]
-          out[i] = self.prefill(params=params, padded_tokens=padded[i][0],
-                                true_length=padded[i][1], sampling=samplings[i],
-                                max_tokens=limits[i], stop_ids=stops[i])
+                                  max_tokens=limits[i], stop_ids=stops[i], lookup=False)
           continue
         size = 1 << (len(group) - 1).bit_length()
         full = group + [group[0]] * (size - len(group))  # padding rows: copies, dropped below
@@ -372,6 +445,12 @@ class Engine:
         for row, i in enumerate(group):
           out[i] = BatchRow(batched, row, dict(self._limits(limits[i], stops[i]),
                                                mode=samplings[i].mode, length=padded[i][1]))
+          tokens, bucket = padded[i][0][:padded[i][1]], len(padded[i][0])
+          if (self.prefix_cache is not None and bucket <= self.prefix_cache.capacity and
+              not self.prefix_cache.holds(tokens)):  # its row of the batch's cache: a copy
+            with self._mesh_context():
+              row_cache = self._row_cache(batched['cache'], np.int32(row))
+            self.prefix_cache.store(tokens, row_cache, bucket)
     return out
 
   def resample(self, prefix, sampling: SamplingParams):
@@ -497,13 +576,17 @@ class Engine:
     seconds it took."""
     start = time.perf_counter()
     params = self.params if params is None else params
-    state, prefix = self.init_decode_state(), None
+    state, prefix, entries = self.init_decode_state(), None, {}
+    # Warm-up prompts are not kept (nor hit: each batch size must reach its batched prefill); the
+    # prefix cache's own functions are compiled at the end.
+    prefix_cache, self.prefix_cache = self.prefix_cache, None
     # Each bucket's insert into a new state, after an insert and after a step: XLA compiles
     # insert anew for each kind of state it receives.
     for _ in range(2):
       for bucket in self.buckets:
         prefix = self.prefill(params=params, padded_tokens=np.zeros((bucket,), np.int32),
                               true_length=1)
+        entries[bucket] = prefix['cache']
         state = self.insert(prefix, self.insert(prefix, state, 0), 0)
         state, step = self.generate_many(params, state)
     rows = None
@@ -513,6 +596,9 @@ class Engine:
         rows = self.prefill_batch_of(params=params, prompts=[[1] * bucket] * size)
         state = self.insert_many(rows, self.insert(rows[0], state, 0), range(size))
         state = self.insert(self.resample(rows[0], SamplingParams()), state, 0)
+        if prefix_cache is not None:  # what storing a batch's row runs
+          with self._mesh_context():
+            self._row_cache(rows[0].batched['cache'], np.int32(0))
         size *= 2
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
                      SamplingParams(temperature=1.0, top_k=2)):
@@ -521,11 +607,28 @@ class Engine:
           state = self.insert(self.resample(source, sampling), state, 0)
         state, step = self.generate_many(params, state, steps)
         jax.block_until_ready(after_step(step) if after_step else step)
+    with self._mesh_context():  # the first-token draw of a prompt prefilled in chunks
+      self._draw_first(None, prefix['logits'], 1, SamplingParams())
     # Every decode step at every attention span (above, only the shortest ran).
     with self._mesh_context():
       for (mode, steps, span), fn in self._generate.items():
         state, step = fn(params, state)
         jax.block_until_ready(after_step(step) if after_step else step)
+    self.prefix_cache = prefix_cache
+    if prefix_cache is not None:
+      # A hit's copy of an entry of each bucket into a cache of each bucket, and its chunks of
+      # every width shorter than the bucket (what _reuse_plan can choose).
+      with self._mesh_context():
+        for bucket in self.buckets:
+          for entry in entries.values():
+            kv = self._fit(entry, bucket)
+          for width in self.buckets:
+            if width < bucket and width <= self.prefill_chunk:
+              hidden, kv = self._prefill_part(params, np.zeros((1, width), np.int32),
+                                              np.int32(0), kv)
+              self._head(params, hidden, np.int32(0))
+        jax.block_until_ready(kv)
+      prefix_cache.reset()
     self._bounds.clear()
     self._pending.clear()
     self._slot_modes.clear()  # The scratch state's slots.
@@ -591,7 +694,9 @@ class Engine:
 
   def _state_shardings(self):
     if self._mesh is None:
-      return None
+      # Committed to the device like every state an insert or a step returns: an uncommitted
+      # fresh state made XLA compile insert_many again for the first batch a request inserted.
+      return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shard = lambda names: jax.sharding.NamedSharding(self._mesh, logical_to_mesh(names, self.rules))
     per_slot = shard(('batch',))
     state = jax.tree.map(lambda _: per_slot, jax.eval_shape(self._empty_state))
@@ -653,6 +758,16 @@ def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top
   last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=False)
   prefix = {'cache': cache, 'logits': last, 'pos': true_length}
   return _first_token(prefix, key, temperature, top_k, top_p)
+
+
+def _fit_cache(cache, length: int):
+  """A copy of a prompt's cache with `length` positions (cut, or padded with zeros): a new
+  buffer, never the argument itself, since the prefill that fills it donates it."""
+  def fit(a):
+    keep = min(a.shape[1], length)
+    out = jnp.zeros((a.shape[0], length) + a.shape[2:], a.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, a[:, :keep], 0, axis=1)
+  return jax.tree.map(fit, cache)
 
 
 def _prefill_part(graphdef, params, tokens, start, cache):

@@ -27,6 +27,7 @@ import uuid
 from collections import deque
 
 import prometheus_client as prom
+from prometheus_client import core as prom_core
 from jetstream.core.utils.async_multifuture import AsyncMultifuture
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -59,8 +60,10 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 class Metrics:
   """Prometheus metrics of the server, in their own registry."""
 
-  def __init__(self, requests: dict):
+  def __init__(self, requests: dict, prefix_cache=None):
     self.registry = r = prom.CollectorRegistry()
+    if prefix_cache is not None:
+      r.register(_PrefixCacheMetrics(prefix_cache))
     self.ttft = prom.Histogram('lmforge_time_to_first_token_seconds', 'Arrival to first token.',
                                registry=r)
     self.itl = prom.Histogram('lmforge_inter_token_latency_seconds', 'Between returned tokens.',
@@ -86,6 +89,25 @@ class Metrics:
     return sum(n for _, n in self._recent) / 10
 
 
+class _PrefixCacheMetrics:
+  """The engine's prefix-cache counters, read when /metrics is scraped (the prefill thread
+  updates them; vLLM reports the same two in tokens)."""
+
+  def __init__(self, cache):
+    self.cache = cache
+
+  def collect(self):
+    s = self.cache.stats()
+    yield prom_core.CounterMetricFamily('lmforge_prefix_cache_queries',
+                                        'Prompt tokens looked up in the prefix cache.',
+                                        value=s['queries'])
+    yield prom_core.CounterMetricFamily('lmforge_prefix_cache_hits',
+                                        'Prompt tokens whose KV the prefix cache supplied.',
+                                        value=s['hits'])
+    yield prom_core.GaugeMetricFamily('lmforge_prefix_cache_tokens',
+                                      'KV positions the prefix cache holds.', value=s['tokens'])
+
+
 class OpenAIServer:
   """The API's state and handlers; `app` is the ASGI application."""
 
@@ -96,7 +118,7 @@ class OpenAIServer:
     self.max_body, self.body_timeout = max_body, body_timeout
     self.capacity = engine.max_concurrent_decodes + max_queue
     self.inflight: dict[int, Request] = {}  # id -> request (requests are unhashable)
-    self.metrics = Metrics(self.inflight)
+    self.metrics = Metrics(self.inflight, getattr(engine, 'prefix_cache', None))
     self.created = int(time.time())
     self.ready = True  # False while the server warms up (compiles) the engine.
     self.draining = False  # True after SIGTERM: requests in flight finish, new ones get 503.

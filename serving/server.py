@@ -73,6 +73,11 @@ _DECODE_ATTENTION = flags.DEFINE_enum('decode_attention', 'xla', ['xla', 'pallas
                                       "step's cache write and attention: XLA's ops, or one Pallas "
                                       '(Triton) kernel a layer, on one GPU (models/'
                                       'decode_attention.py).')
+_PREFIX_CACHE = flags.DEFINE_integer('prefix_cache_tokens', 0, 'Automatic prefix caching: keep '
+                                     "recent prompts' KV caches, up to this many positions, and "
+                                     'prefill only what follows a cached beginning (a shared '
+                                     'system prompt, earlier turns); 0: off (serving/'
+                                     'prefix_cache.py). Device memory: this many positions of KV.')
 _DTYPE = entry.define_dtype_flag()
 
 
@@ -235,12 +240,15 @@ def main(argv):
                                max_prefill_length=max_prefill, decode_steps=_DECODE_STEPS.value,
                                prefill_batch=_PREFILL_BATCH.value,
                                quantize=_QUANTIZE.value, decode_attention=_DECODE_ATTENTION.value,
+                               prefix_cache_tokens=_PREFIX_CACHE.value,
                                kv_dtype=None if _KV_DTYPE.value == 'auto' else _KV_DTYPE.value)
   print(f'{engine.cfg.num_params():,}-parameter model computing in {engine.cfg.dtype} '
         f'(--dtype={_DTYPE.value}) on {jax.default_backend()}; {slots} decode slots of {max_len} '
         f'tokens, prompts up to {max_prefill}'
         + (f'; weights {_QUANTIZE.value}' if _QUANTIZE.value != 'none' else '')
-        + f'; KV cache {engine.kv_dtype}', flush=True)
+        + f'; KV cache {engine.kv_dtype}'
+        + (f'; prefix cache of {_PREFIX_CACHE.value} positions' if _PREFIX_CACHE.value else ''),
+        flush=True)
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value))
   asyncio.run(serve(engine, host=_HOST.value, port=_PORT.value, grpc_port=_GRPC_PORT.value,
                     model_name=name, api_key=_API_KEY.value, max_queue=_MAX_QUEUE.value,

@@ -588,10 +588,10 @@ def program(doc: dict, completion: str) -> str:
 
 def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
               temperature: float = 0.0, pass_k=(1, 10), seed: int = 0,
-              **limits) -> tuple[dict, list]:
+              prefix_cache: bool | None = None, **limits) -> tuple[dict, list]:
   """pass@k of `samples` completions per item (greedy for 1 at temperature 0), each run with the
   item's tests in eval/code_exec's sandbox (limits: timeout_s, memory_mb); k over pass_k up to
-  samples."""
+  samples. prefix_cache: offline.engine_for's (None: on for prompts sharing a long preamble)."""
   from eval.code_exec import pass_at_k, run_programs
   from serving import offline
   from trainers.metrics import Progress
@@ -603,7 +603,8 @@ def code_task(model, tok, task: dict, max_tokens: int, *, samples: int = 1,
                      'completions: set a temperature (0.8 is the usual one for pass@10)')
   docs = task['docs']
   prompts = [tok.encode_prompt(d['prompt']) for d in docs]
-  engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok)
+  engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok,
+                              prefix_cache=prefix_cache)
   progress = Progress(task.get('name', 'code'), len(prompts) * samples, 'completions')
   done = offline.generate(engine, prompts, n=samples, max_tokens=max_tokens, stop=docs[0]['stop'],
                           sampling=SamplingParams(temperature=temperature, seed=seed),
@@ -647,16 +648,19 @@ def extract(name: str, output: str) -> str | None:
   return numbers[-1].rstrip('.') if numbers and name == 'gsm8k' else None
 
 
-def generate_task(model, tok, name: str, task: dict, max_tokens: int) -> tuple[dict, list]:
+def generate_task(model, tok, name: str, task: dict, max_tokens: int, *,
+                  prefix_cache: bool | None = None) -> tuple[dict, list]:
   """Greedy solutions through the serving engine; exact match of the extracted final answer
   (data/rewards.answers_match: numbers as rationals, LaTeX through math-verify; open-domain QA:
-  qa_match against any reference answer)."""
+  qa_match against any reference answer). prefix_cache: offline.engine_for's (None: on when the
+  prompts share a long preamble, as GSM8K's 8 shots do)."""
   from data.rewards import answers_match
   from serving import offline
   from trainers.metrics import Progress
   docs = task['docs']
   prompts = [tok.encode_prompt(d['prompt']) for d in docs]
-  engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok)
+  engine = offline.engine_for(model, prompts, max_tokens, tokenizer=tok,
+                              prefix_cache=prefix_cache)
   progress = Progress(name, len(prompts), 'completions')
   done = offline.generate(engine, prompts, max_tokens=max_tokens, stop=docs[0]['stop'],
                           progress=progress)
@@ -699,6 +703,11 @@ def main():
   style = flags.DEFINE_enum('style', 'harness', STYLES, 'Multiple choice: whose 0-shot prompts '
                             'and acc_norm to reproduce, lm-evaluation-harness\'s or lighteval\'s '
                             '(the SmolLM2 model cards\' numbers; see STYLES).')
+  prefix_cache = flags.DEFINE_enum('prefix_cache', 'auto', ['auto', 'on', 'off'], 'Generation '
+                                   'and code tasks: reuse the KV cache of the prompts\' shared '
+                                   'beginning (serving/prefix_cache.py); auto: on when every '
+                                   'prompt begins with the same 64 tokens or more (a fixed '
+                                   'few-shot preamble).')
   dtype = entry.define_dtype_flag()
 
   @flags.multi_flags_validator(['style', 'tasks', 'shots'])
@@ -718,6 +727,7 @@ def main():
     if unknown:
       raise ValueError(f'unknown task {unknown[0]!r}; available: {", ".join(ALL_TASKS)}')
     ks = [int(k) for k in pass_k.value]
+    reuse = {'auto': None, 'on': True, 'off': False}[prefix_cache.value]
     loaded = {name: (load_generation_task(name, shots.value, limit.value)
                      if name in GEN_TASKS or name in QA_TASKS
                      else load_task(name, shots.value, limit.value, style.value))
@@ -741,9 +751,10 @@ def main():
           metrics, samples = code_task(model, tok, task, max_tokens.value,
                                        samples=code_samples.value, temperature=temperature.value,
                                        pass_k=ks, timeout_s=timeout_s.value,
-                                       memory_mb=memory_mb.value)
+                                       memory_mb=memory_mb.value, prefix_cache=reuse)
         elif task.get('kind') == 'generate':
-          metrics, samples = generate_task(model, tok, name, task, max_tokens.value)
+          metrics, samples = generate_task(model, tok, name, task, max_tokens.value,
+                                           prefix_cache=reuse)
         else:
           metrics, samples = score_task(scorer, task, label=name)
         if task.get('kind') in ('code', 'generate'):

@@ -415,16 +415,31 @@ class Engine:
     padded = [self.pad_prompt(p) for p in prompts]
     out = [None] * n
     by_bucket = {}
+    # With a prefix cache, prompts with a cached beginning go alone through the hit path and the
+    # rest are batched. Prompts of this call that begin alike (an eval's few-shot preamble) would
+    # all miss together, so the first of each first block goes alone, ahead, for the others to
+    # reuse; a first block is led once, so prompts that share too little to gain stay batched.
+    first = collections.Counter(self._first_block(t, l) for t, l in padded)
+    led = set()
     for i, (tokens, length) in enumerate(padded):
-      if self.prefix_cache is not None:  # Prompts with a cached prefix go alone, the rest batched.
-        with self._mesh_context():
-          hit = self._cached_prefill(params, tokens, length, samplings[i])
-        if hit is not None:
-          self._keep(tokens[:length], hit['cache'])
-          out[i] = dict(hit, **self._limits(limits[i], stops[i]), mode=samplings[i].mode,
-                        length=length)
-          continue
-      by_bucket.setdefault(len(tokens), []).append(i)
+      if self.prefix_cache is None:
+        by_bucket.setdefault(len(tokens), []).append(i)
+        continue
+      key = self._first_block(tokens, length)
+      first[key] -= 1
+      with self._mesh_context():
+        hit = self._cached_prefill(params, tokens, length, samplings[i])
+      if hit is not None:
+        self._keep(tokens[:length], hit['cache'])
+        out[i] = dict(hit, **self._limits(limits[i], stops[i]), mode=samplings[i].mode,
+                      length=length)
+      elif key is not None and first[key] > 0 and key not in led:
+        led.add(key)
+        out[i] = self.prefill(params=params, padded_tokens=tokens, true_length=length,
+                              sampling=samplings[i], max_tokens=limits[i], stop_ids=stops[i],
+                              lookup=False)
+      else:
+        by_bucket.setdefault(len(tokens), []).append(i)
     for rows in by_bucket.values():
       for start in range(0, len(rows), self.prefill_batch):
         group = rows[start:start + self.prefill_batch]
@@ -452,6 +467,12 @@ class Engine:
               row_cache = self._row_cache(batched['cache'], np.int32(row))
             self.prefix_cache.store(tokens, row_cache, bucket)
     return out
+
+  def _first_block(self, tokens, length: int):
+    """A prompt's first prefix-cache block, as a key; None when the prompt is too short for the
+    cache to supply any of it (a hit leaves at least the last token to prefill)."""
+    block = self.prefix_cache.block if self.prefix_cache is not None else 0
+    return tokens[:block].tobytes() if block and length > block else None
 
   def resample(self, prefix, sampling: SamplingParams):
     """The same prompt's prefix with its first token drawn anew under `sampling`: n samples of

@@ -24,9 +24,14 @@ class Completion:
 
 
 def engine_for(model, prompts: list[list[int]], max_tokens: int, *, tokenizer=None,
-               max_slots: int = 32) -> Engine:
+               max_slots: int = 32, prefix_cache: bool | None = None) -> Engine:
   """An engine sized for one batch job: up to max_slots slots and a cache that holds the longest
-  prompt's bucket plus max_tokens. Callers that generate repeatedly (RL) keep theirs."""
+  prompt's bucket plus max_tokens. Callers that generate repeatedly (RL) keep theirs.
+
+  prefix_cache: reuse the KV cache of prompts' shared beginnings (serving/prefix_cache.py), with
+  room for a few prompts of the longest bucket; None (the default) turns it on when every prompt
+  begins with the same PREFIX_SHARED tokens or more, as a fixed few-shot preamble does (GSM8K's
+  8 shots: about 600 tokens before each question)."""
   if not prompts:
     raise ValueError('no prompts to generate from')
   longest = max(len(p) for p in prompts)
@@ -34,9 +39,23 @@ def engine_for(model, prompts: list[list[int]], max_tokens: int, *, tokenizer=No
     raise ValueError(f'prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model '
                      f'max_seq_len={model.cfg.max_seq_len}')
   bucket = max(MIN_BUCKET, 1 << max(longest - 1, 0).bit_length())
+  if prefix_cache is None:
+    prefix_cache = len(prompts) > 1 and shared_prefix(prompts) >= PREFIX_SHARED
   return Engine(model, max_concurrent_decodes=min(len(prompts), max_slots),
                 max_len=min(bucket + max_tokens, model.cfg.max_seq_len),
-                max_prefill_length=bucket, tokenizer=tokenizer)
+                max_prefill_length=bucket, tokenizer=tokenizer,
+                prefix_cache_tokens=4 * bucket if prefix_cache else 0)
+
+
+PREFIX_SHARED = 64  # Shared leading tokens from which engine_for turns the prefix cache on.
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+  """How many leading tokens every prompt has in common."""
+  first, n = prompts[0], min(len(p) for p in prompts)
+  for p in prompts[1:]:
+    n = next((k for k in range(n) if p[k] != first[k]), n)
+  return n
 
 
 def generate(engine: Engine, prompts: list[list[int]], *, params=None, n: int = 1,

@@ -110,6 +110,35 @@ def test_batched_prefill_mixes_hits_and_misses(model, plain):
   assert runs == [(16, 16, 32)]
 
 
+def test_prompts_of_one_batch_that_begin_alike_share_one_prefill(model, plain):
+  # An eval's few-shot preamble: every prompt of the batch misses the empty cache, so the first
+  # goes alone and the others reuse it; the two unrelated prompts stay in the batched path.
+  engine, runs = _cached(model)
+  solo = []
+  prefill = engine.prefill
+  engine.prefill = lambda **kw: solo.append(kw['true_length']) or prefill(**kw)
+  prompts = [SYSTEM + [k, k + 1] for k in range(4)] + [list(range(200, 230)),
+                                                       list(range(300, 330))]
+  got = offline.generate(engine, prompts, max_tokens=6)
+  assert solo == [42] and runs == [(32, 16, 64)] * 3
+  assert engine.prefix_cache.stats()['hits'] == 3 * 32
+  for a, b in zip(got, offline.generate(plain, prompts, max_tokens=6)):
+    _same(a, b)
+
+
+def test_engine_for_turns_the_cache_on_for_a_shared_preamble(model):
+  preamble = list(range(100, 180))  # 80 tokens, like a fixed few-shot preamble
+  assert offline.shared_prefix([preamble + [1], preamble + [2, 3], preamble]) == 80
+  assert offline.shared_prefix([[1, 2], [1, 3]]) == 1
+  shared = offline.engine_for(model, [preamble + [k] for k in range(3)], 8)
+  assert shared.prefix_cache is not None and shared.prefix_cache.capacity == 4 * 128
+  assert offline.engine_for(model, [[k] * 90 for k in range(3)], 8).prefix_cache is None
+  assert offline.engine_for(model, [preamble + [1]], 8).prefix_cache is None  # one prompt
+  assert offline.engine_for(model, [[1] * 90] * 2, 8, prefix_cache=False).prefix_cache is None
+  got = offline.generate(shared, [preamble + [k] for k in range(3)], max_tokens=4)
+  assert shared.prefix_cache.stats()['hits'] == 2 * 80 and all(len(c.tokens) == 4 for c in got)
+
+
 def test_after_warmup_hits_compile_nothing(model):
   from serving import jetstream_compat
   compiles = []

@@ -302,19 +302,25 @@ class Engine:
                        f'buckets {self.buckets}; use pad_prompt')
     if not 0 < true_length <= padded_tokens.shape[0]:
       raise ValueError(f'true_length={true_length} outside (0, {padded_tokens.shape[0]}]')
+    sampling = sampling or SamplingParams()
     with self._mesh_context():
-      prefix = self._cached_prefill(params, padded_tokens, true_length,
-                                    sampling or SamplingParams()) if lookup else None
+      prefix = (self._cached_prefill(params, padded_tokens, true_length, sampling) if lookup
+                else None)
       if prefix is None and padded_tokens.shape[0] > self.prefill_chunk:
-        prefix = self._chunked_prefill(params, padded_tokens, true_length,
-                                       sampling or SamplingParams())
+        prefix = self._chunked_prefill(params, padded_tokens, true_length, sampling)
       elif prefix is None:
         prefix = self._prefill(params, padded_tokens, np.int32(true_length),
-                               *_sampling_args(sampling or SamplingParams()))
-    if self.prefix_cache is not None:
-      self._keep(padded_tokens[:true_length], prefix['cache'])
-    return dict(prefix, **self._limits(max_tokens, stop_ids),
-                mode=(sampling or SamplingParams()).mode, length=int(true_length))
+                               *_sampling_args(sampling))
+    return self._finish(prefix, padded_tokens, true_length, sampling, max_tokens, stop_ids)
+
+  def _finish(self, prefix, padded_tokens, true_length: int, sampling, max_tokens, stop_ids):
+    """A prompt's prefix for insert (its limits and decode mode added), its cache kept in the
+    prefix cache."""
+    cache = prefix['cache']
+    size = cache[0]['k'].shape[1]
+    self._keep(padded_tokens[:true_length], size, lambda: self._fit(cache, size))
+    return dict(prefix, **self._limits(max_tokens, stop_ids), mode=sampling.mode,
+                length=int(true_length))
 
   def _chunked_prefill(self, params, padded_tokens, true_length: int, sampling):
     """Chunked prefill: the prompt's chunks of prefill_chunk tokens run one dispatch each into
@@ -375,15 +381,15 @@ class Engine:
     last = self._head(params, hidden, np.int32(true_length - 1 - starts[-1]))
     return self._draw_first(kv, last, true_length, sampling)
 
-  def _keep(self, tokens, cache):
-    """Puts a copy of a prompt's cache (a bucket's [1, bucket, ...] per layer) in the prefix
-    cache. A copy: the prefix itself goes to insert, and JetStream's orchestrator deletes a
-    prefix's arrays once it is inserted; the copy is one dispatch, and none when every whole
-    block of the prompt is cached already."""
-    size = cache[0]['k'].shape[1]
-    if size <= self.prefix_cache.capacity and not self.prefix_cache.holds(tokens):
+  def _keep(self, tokens, size: int, copy):
+    """Puts `copy()`, a copy of a prompt's cache (a bucket's [1, size, ...] per layer), in the
+    prefix cache, if there is one. A copy: the prefix itself goes to insert, and JetStream's
+    orchestrator deletes a prefix's arrays once it is inserted; the copy is one dispatch, and
+    none when every whole block of the prompt is cached already."""
+    cache = self.prefix_cache
+    if cache is not None and size <= cache.capacity and not cache.holds(tokens):
       with self._mesh_context():
-        self.prefix_cache.store(tokens, self._fit(cache, size), size)
+        cache.store(tokens, copy(), size)
 
   def _limits(self, max_tokens, stop_ids) -> dict:
     if max_tokens is not None and max_tokens < 1:
@@ -430,9 +436,7 @@ class Engine:
       with self._mesh_context():
         hit = self._cached_prefill(params, tokens, length, samplings[i])
       if hit is not None:
-        self._keep(tokens[:length], hit['cache'])
-        out[i] = dict(hit, **self._limits(limits[i], stops[i]), mode=samplings[i].mode,
-                      length=length)
+        out[i] = self._finish(hit, tokens, length, samplings[i], limits[i], stops[i])
       elif key is not None and first[key] > 0 and key not in led:
         led.add(key)
         out[i] = self.prefill(params=params, padded_tokens=tokens, true_length=length,
@@ -460,12 +464,8 @@ class Engine:
         for row, i in enumerate(group):
           out[i] = BatchRow(batched, row, dict(self._limits(limits[i], stops[i]),
                                                mode=samplings[i].mode, length=padded[i][1]))
-          tokens, bucket = padded[i][0][:padded[i][1]], len(padded[i][0])
-          if (self.prefix_cache is not None and bucket <= self.prefix_cache.capacity and
-              not self.prefix_cache.holds(tokens)):  # its row of the batch's cache: a copy
-            with self._mesh_context():
-              row_cache = self._row_cache(batched['cache'], np.int32(row))
-            self.prefix_cache.store(tokens, row_cache, bucket)
+          self._keep(padded[i][0][:padded[i][1]], len(padded[i][0]),  # its row: a copy
+                     lambda row=row: self._row_cache(batched['cache'], np.int32(row)))
     return out
 
   def _first_block(self, tokens, length: int):

@@ -23,6 +23,9 @@ class Completion:
   finish_reason: str  # 'stop' (EOS or a stop string) or 'length' (max_tokens or a full cache)
 
 
+PREFIX_SHARED = 64  # Shared leading tokens from which engine_for turns the prefix cache on.
+
+
 def engine_for(model, prompts: list[list[int]], max_tokens: int, *, tokenizer=None,
                max_slots: int = 32, prefix_cache: bool | None = None) -> Engine:
   """An engine sized for one batch job: up to max_slots slots and a cache that holds the longest
@@ -45,9 +48,6 @@ def engine_for(model, prompts: list[list[int]], max_tokens: int, *, tokenizer=No
                 max_len=min(bucket + max_tokens, model.cfg.max_seq_len),
                 max_prefill_length=bucket, tokenizer=tokenizer,
                 prefix_cache_tokens=4 * bucket if prefix_cache else 0)
-
-
-PREFIX_SHARED = 64  # Shared leading tokens from which engine_for turns the prefix cache on.
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:

@@ -189,7 +189,7 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, *,
                return_hidden: bool = False, attend_len: int | None = None,
-               decode_kernel: str | None = None):
+               decode_kernel: str | None = None, logits_at: jax.Array | None = None):
     """tokens [B, T] -> logits [B, T, vocab] in fp32, and the updated cache when one is given.
 
     positions: [B, T] position of each token in its sequence (default 0..T-1); with a cache they
@@ -201,10 +201,16 @@ class Llama(nnx.Module):
     only the cache's first attend_len positions, which must hold every query position (decode
     steps of sequences shorter than the cache). decode_kernel (static, with a cache): 'pallas'
     runs one-token steps' cache write and attention as one kernel a layer
-    (models/decode_attention.py); None or 'xla' leaves them to XLA.
+    (models/decode_attention.py); None or 'xla' leaves them to XLA. logits_at: indices [B, K]
+    along T: the output covers those positions only, [B, K, ...]. A prefill needs the logits of
+    a prompt's last position, and the head over every position was 37% of a `small` preset's
+    prefill (the vocabulary is wide); like return_hidden it is a flag of `__call__`, so that
+    quantized and LoRA heads run through qwix's interception.
     """
     x, new_cache = self.hidden_states(tokens, positions, segment_ids, cache, attend_len,
                                       decode_kernel)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
     out = x if return_hidden else self.head(x)
     return out if cache is None else (out, new_cache)
 

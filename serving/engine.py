@@ -215,10 +215,12 @@ class Engine:
     self._insert = jax.jit(_insert, donate_argnums=1)
     self._insert_row = jax.jit(_insert_row, donate_argnums=5)
     self._insert_rows = jax.jit(_insert_rows, donate_argnums=5)
-    self._first_token = jax.jit(_first_token)
-    # The logits of hidden[0, i] (a chunk's hidden states [1, C, d]): one compile per chunk width.
-    self._head = jax.jit(lambda params, hidden, i: nnx.merge(self.graphdef, params).head(
-        jax.lax.dynamic_index_in_dim(hidden[0], i, keepdims=True)[None])[0, 0])
+    # The first token's draw, apart from the prefill so that its mode (MODES) is the rows' own:
+    # inside it, every prefill sorted the vocabulary for top-k / top-p, which took 12 of the 31
+    # ms of a CPU prefill of 8 greedy prompts (`small`). One compile per mode and batch size.
+    self._first_token = {mode: jax.jit(functools.partial(_first_token, mode=mode))
+                         for mode in MODES}
+    self._draw_rows = {mode: jax.jit(functools.partial(_draw_rows, mode=mode)) for mode in MODES}
     self._score = jax.jit(functools.partial(_score, self.graphdef))
     # Lengths prompt_logprobs pads to: powers of two up to the whole cache.
     self.score_buckets = [b for b in prefill_buckets(1 << (self.max_len - 1).bit_length())
@@ -309,8 +311,8 @@ class Engine:
       if prefix is None and padded_tokens.shape[0] > self.prefill_chunk:
         prefix = self._chunked_prefill(params, padded_tokens, true_length, sampling)
       elif prefix is None:
-        prefix = self._prefill(params, padded_tokens, np.int32(true_length),
-                               *_sampling_args(sampling))
+        logits, cache = self._prefill(params, padded_tokens, np.int32(true_length))
+        prefix = self._draw_first(cache, logits, true_length, sampling)
     return self._finish(prefix, padded_tokens, true_length, sampling, max_tokens, stop_ids)
 
   def _finish(self, prefix, padded_tokens, true_length: int, sampling, max_tokens, stop_ids):
@@ -330,17 +332,17 @@ class Engine:
     c = self.prefill_chunk
     cache = init_cache(self.cfg, 1, padded_tokens.shape[0])
     for start in range(0, true_length, c):
-      hidden, cache = self._prefill_part(params, padded_tokens[start:start + c][None],
-                                         np.int32(start), cache)
-    last = self._head(params, hidden, np.int32((true_length - 1) % c))
+      last, cache = self._prefill_part(params, padded_tokens[start:start + c][None],
+                                       np.int32(start), cache,
+                                       np.int32(min(true_length - 1 - start, c - 1)))
     return self._draw_first(cache, last, true_length, sampling)
 
   def _draw_first(self, cache, logits, true_length: int, sampling):
-    """The prefix of a prompt prefilled in chunks: its first token drawn from the last logits.
-    The draw is resample's (the cache is not an argument), so it compiles once for every bucket
-    and warm-up has compiled it."""
-    drawn = self._first_token({'logits': logits, 'pos': np.int32(true_length)},
-                              *_sampling_args(sampling))
+    """The prefix of a prefilled prompt: its first token drawn from the last logits. The draw
+    is resample's (the cache is not an argument), so it compiles once for every bucket and
+    warm-up has compiled it."""
+    drawn = self._first_token[sampling.mode]({'logits': logits, 'pos': np.int32(true_length)},
+                                             *_sampling_args(sampling))
     return dict(drawn, cache=cache)
 
   def _reuse_plan(self, start: int, true_length: int, bucket: int):
@@ -376,9 +378,9 @@ class Engine:
     cache.hit(starts[0])
     kv = self._fit(entry, bucket)  # a new cache: the entry stays intact
     for start in starts:
-      hidden, kv = self._prefill_part(params, padded_tokens[start:start + width][None],
-                                      np.int32(start), kv)
-    last = self._head(params, hidden, np.int32(true_length - 1 - starts[-1]))
+      last, kv = self._prefill_part(params, padded_tokens[start:start + width][None],
+                                    np.int32(start), kv,
+                                    np.int32(min(true_length - 1 - start, width - 1)))
     return self._draw_first(kv, last, true_length, sampling)
 
   def _keep(self, tokens, size: int, copy):
@@ -456,11 +458,12 @@ class Engine:
         size = 1 << (len(group) - 1).bit_length()
         full = group + [group[0]] * (size - len(group))  # padding rows: copies, dropped below
         args = [_sampling_args(samplings[i]) for i in full]
+        lengths = np.asarray([padded[i][1] for i in full], np.int32)
+        mode = max((samplings[i].mode for i in group), key=MODES.index)
         with self._mesh_context():  # Host arrays: one transfer each, no per-prompt dispatch.
-          batched = self._prefill_rows(
-              params, np.stack([padded[i][0] for i in full]),
-              np.asarray([padded[i][1] for i in full], np.int32),
-              *(np.stack([a[k] for a in args]) for k in range(4)))
+          batched = self._prefill_rows(params, np.stack([padded[i][0] for i in full]), lengths)
+          batched.update(self._draw_rows[mode](batched['logits'], lengths, *(
+              np.stack([a[k] for a in args]) for k in range(4))))
         for row, i in enumerate(group):
           out[i] = BatchRow(batched, row, dict(self._limits(limits[i], stops[i]),
                                                mode=samplings[i].mode, length=padded[i][1]))
@@ -481,7 +484,7 @@ class Engine:
     # the KV cache is shared with the prefill's prefix rather than copied.
     small = {k: prefix[k] for k in ('logits', 'pos')}
     with self._mesh_context():
-      drawn = self._first_token(small, *_sampling_args(sampling))
+      drawn = self._first_token[sampling.mode](small, *_sampling_args(sampling))
     # The limits are the prompt's; mode is a host-side flag.
     host = dict(limit=prefix['limit'], stop=prefix['stop'], mode=sampling.mode,
                 length=prefix.get('length'))
@@ -615,6 +618,12 @@ class Engine:
       size = 2
       while size <= min(self.prefill_batch, self.slots):
         rows = self.prefill_batch_of(params=params, prompts=[[1] * bucket] * size)
+        if bucket == self.buckets[0]:  # The first-token draws of each mode (per batch size).
+          batched = rows[0].batched
+          with self._mesh_context():
+            for mode in MODES:
+              self._draw_rows[mode](batched['logits'], batched['pos'], batched['key'],
+                                    batched['temperature'], batched['top_k'], batched['top_p'])
         state = self.insert_many(rows, self.insert(rows[0], state, 0), range(size))
         state = self.insert(self.resample(rows[0], SamplingParams()), state, 0)
         if prefix_cache is not None:  # what storing a batch's row runs
@@ -628,8 +637,10 @@ class Engine:
           state = self.insert(self.resample(source, sampling), state, 0)
         state, step = self.generate_many(params, state, steps)
         jax.block_until_ready(after_step(step) if after_step else step)
-    with self._mesh_context():  # the first-token draw of a prompt prefilled in chunks
-      self._draw_first(None, prefix['logits'], 1, SamplingParams())
+    with self._mesh_context():  # a prompt prefilled alone, its first token drawn in each mode
+      for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
+                       SamplingParams(temperature=1.0, top_k=2)):
+        self._draw_first(None, prefix['logits'], 1, sampling)
     # Every decode step at every attention span (above, only the shortest ran).
     with self._mesh_context():
       for (mode, steps, span), fn in self._generate.items():
@@ -645,9 +656,8 @@ class Engine:
             kv = self._fit(entry, bucket)
           for width in self.buckets:
             if width < bucket and width <= self.prefill_chunk:
-              hidden, kv = self._prefill_part(params, np.zeros((1, width), np.int32),
-                                              np.int32(0), kv)
-              self._head(params, hidden, np.int32(0))
+              _, kv = self._prefill_part(params, np.zeros((1, width), np.int32),
+                                         np.int32(0), kv, np.int32(0))
         jax.block_until_ready(kv)
       prefix_cache.reset()
     self._bounds.clear()
@@ -772,13 +782,13 @@ def key_data(seed: int) -> np.ndarray:
                       bool(jax.config.jax_enable_x64))
 
 
-def _prefill(graphdef, params, tokens, true_length, key, temperature, top_k, top_p):
+def _prefill(graphdef, params, tokens, true_length):
+  """One prompt [bucket] -> (the logits [V] of its last position, its cache)."""
   model = nnx.merge(graphdef, params)
   cache = init_cache(model.cfg, 1, tokens.shape[0])
-  logits, cache = model(tokens[None], cache=cache)
-  last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, keepdims=False)
-  prefix = {'cache': cache, 'logits': last, 'pos': true_length}
-  return _first_token(prefix, key, temperature, top_k, top_p)
+  logits, cache = model(tokens[None], cache=cache,
+                        logits_at=jnp.reshape(true_length - 1, (1, 1)))
+  return logits[0, 0], cache
 
 
 def _fit_cache(cache, length: int):
@@ -791,21 +801,29 @@ def _fit_cache(cache, length: int):
   return jax.tree.map(fit, cache)
 
 
-def _prefill_part(graphdef, params, tokens, start, cache):
-  """One chunk [1, C] of a prompt at positions start.. into its cache: (hidden [1, C, d], cache)."""
+def _prefill_part(graphdef, params, tokens, start, cache, at):
+  """One chunk [1, C] of a prompt at positions start.. into its cache: (the logits [V] of the
+  chunk's position `at`, cache). The callers read the last chunk's: one row of the head each."""
   positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-  return nnx.merge(graphdef, params)(tokens, positions, cache=cache, return_hidden=True)
+  logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache=cache,
+                                              logits_at=jnp.reshape(at, (1, 1)))
+  return logits[0, 0], cache
 
 
-def _prefill_rows(graphdef, params, tokens, lengths, keys, temperature, top_k, top_p):
-  """_prefill of B right-padded prompts [B, bucket] at once: one batched prefix."""
+def _prefill_rows(graphdef, params, tokens, lengths):
+  """_prefill of B right-padded prompts [B, bucket] at once: one batched prefix, less its first
+  tokens (_draw_rows)."""
   model = nnx.merge(graphdef, params)
   cache = init_cache(model.cfg, tokens.shape[0], tokens.shape[1])
-  logits, cache = model(tokens, cache=cache)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  token, logp = sample_tokens(last, keys, lengths, temperature, top_k, top_p)
-  return {'cache': cache, 'logits': last, 'pos': lengths, 'token': token, 'logprob': logp,
-          'key': keys, 'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
+  logits, cache = model(tokens, cache=cache, logits_at=(lengths - 1)[:, None])
+  return {'cache': cache, 'logits': logits[:, 0], 'pos': lengths}
+
+
+def _draw_rows(logits, lengths, keys, temperature, top_k, top_p, mode):
+  """The first tokens of a batched prefix's rows, and their sampling settings (insert's fields)."""
+  token, logp = sample_tokens(logits, keys, lengths, temperature, top_k, top_p, mode)
+  return {'token': token, 'logprob': logp, 'key': keys, 'temperature': temperature,
+          'top_k': top_k, 'top_p': top_p}
 
 
 class BatchRow(collections.abc.Mapping):
@@ -877,11 +895,11 @@ def _score(graphdef, params, tokens):
   return jnp.take_along_axis(logp, tokens[1:, None], axis=-1)[:, 0], top_ids, top_logp
 
 
-def _first_token(prefix, key, temperature, top_k, top_p):
+def _first_token(prefix, key, temperature, top_k, top_p, mode='filtered'):
   """Draws the prefix's first new token from its last-position logits with these settings."""
   pos = prefix['pos']
   token, logp = sample_tokens(prefix['logits'][None], key[None], pos[None], temperature[None],
-                              top_k[None], top_p[None])
+                              top_k[None], top_p[None], mode)
   return {**prefix, 'token': token[0], 'logprob': logp[0], 'key': key,
           'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
 

@@ -413,6 +413,16 @@ def test_int8_weights_serve_exactly_their_own_model_and_close_to_float(model):
   for prompt, c in zip(PROMPTS, done):
     assert c.tokens == _greedy_without_cache(qmodel, prompt, 8)
     np.testing.assert_allclose(c.logprobs, _model_logprobs(qmodel, prompt, c.tokens), atol=2e-4)
+  # The head of a chunked prefill and of a prefix-cache hit runs through the model's __call__
+  # too (qwix's interception): calling the quantized head outside it failed.
+  reusing = Engine(qmodel, max_concurrent_decodes=2, max_len=96, max_prefill_length=64,
+                   prefill_chunk=16, prefix_cache_tokens=256)
+  prompts = [PROMPTS[3], PROMPTS[3] + [7, 8]]  # 40 and 42 tokens: chunks, then a hit on 32
+  # (Running the module eagerly can swap its arrays, which empties the prefix cache: first.)
+  want = [_greedy_without_cache(qmodel, prompt, 6) for prompt in prompts]
+  for prompt, tokens in zip(prompts, want):
+    assert offline.generate(reusing, [prompt], max_tokens=6)[0].tokens == tokens
+  assert reusing.prefix_cache.hits == 32  # positions reused
   float_tokens = _greedy_without_cache(model, PROMPTS[1], 8)
   drift = np.abs(_model_logprobs(qmodel, PROMPTS[1], float_tokens) -
                  _model_logprobs(model, PROMPTS[1], float_tokens))
@@ -453,7 +463,8 @@ def test_chunked_prefill_equals_one_shot_and_skips_the_padding(model):
   padded, n = chunked.pad_prompt(prompt)
   starts = []
   part = chunked._prefill_part
-  chunked._prefill_part = lambda p, t, start, c: starts.append(int(start)) or part(p, t, start, c)
+  chunked._prefill_part = lambda p, t, start, c, at: starts.append(int(start)) or part(
+      p, t, start, c, at)
   sampling = SamplingParams(temperature=1.0, seed=11)
   got = chunked.prefill(params=chunked.params, padded_tokens=padded, true_length=n,
                         sampling=sampling)

@@ -29,8 +29,8 @@ def _cached(model, **kwargs):
                   prefix_cache_tokens=kwargs.pop('tokens', 512), **kwargs)
   runs = []  # (start, width, cache length) of each chunk a prefill runs after a hit
   part = engine._prefill_part
-  engine._prefill_part = lambda p, t, s, c: runs.append(
-      (int(s), t.shape[1], c[0]['k'].shape[1])) or part(p, t, s, c)
+  engine._prefill_part = lambda p, t, s, c, at: runs.append(
+      (int(s), t.shape[1], c[0]['k'].shape[1])) or part(p, t, s, c, at)
   return engine, runs
 
 

@@ -76,10 +76,28 @@ def cache_attention(q, k, v, cache, positions, attend_len=None):
            'v': cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))}
   span = cache['k'].shape[1] if attend_len is None else attend_len
   visible = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  if q.shape[1] == 1 and jax.default_backend() == 'cpu':
+    return _one_token_attention(q, cache['k'][:, :span], cache['v'][:, :span], visible), cache
   o = jax.nn.dot_product_attention(q, cache['k'][:, :span].astype(q.dtype),
                                    cache['v'][:, :span].astype(q.dtype),
                                    mask=visible[:, None], implementation='xla')
   return o, cache
+
+
+def _one_token_attention(q, k, v, visible):
+  """Attention of one query per sequence, q [B, 1, N, H], over k and v [B, S, KVH, H] with
+  visible [B, 1, S], as products and sums along the cache's own layout. XLA's CPU dots want the
+  batch dimensions (sequence, kv head) leading, so dot_product_attention transposed every layer's
+  keys and values each step: on a CPU at 64 sequences (`small`, fp32) this took the layers'
+  decode time from 14.5 to 10.9 ms. GPUs and TPUs keep the dots (not measured there)."""
+  b, _, n, h = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, 1, kvh, n // kvh, h).astype(jnp.float32)  # [B, 1, KVH, G, H]
+  scores = (qg * k[:, :, :, None, :].astype(jnp.float32)).sum(-1) * (h ** -0.5)  # [B, S, KVH, G]
+  scores = jnp.where(visible[:, 0, :, None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=1)
+  o = (probs[..., None] * v[:, :, :, None, :].astype(jnp.float32)).sum(1)  # [B, KVH, G, H]
+  return o.reshape(b, 1, n, h).astype(q.dtype)
 
 
 def _linear(d_in, d_out, names, cfg, rngs, bias=False):

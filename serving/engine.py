@@ -103,7 +103,8 @@ def sample_tokens(logits, key_data, positions, temperature, top_k, top_p, mode='
   compiles each and picks on the host, since a `lax.cond` on a device predicate made the GPU
   wait for the host every step (1.6 ms of a 3.5 ms step at 374m, bench/RESULTS.md).
   """
-  greedy = jnp.argmax(logits, axis=-1)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  greedy = _argmax(logits, top)
 
   def filtered(scaled):
     vocab = logits.shape[-1]
@@ -135,8 +136,23 @@ def sample_tokens(logits, key_data, positions, temperature, top_k, top_p, mode='
     return jnp.where(temperature > 0, drawn, greedy)
 
   tokens = greedy if mode == 'greedy' else sampled()
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  # log_softmax's arithmetic for the drawn token alone (the same values, bit for bit), without
+  # writing out log-probs for the whole vocabulary.
+  shifted = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top[:, 0]
+  logp = shifted - jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
   return tokens.astype(jnp.int32), logp
+
+
+def _argmax(logits, top):
+  """argmax over the last axis, given its maxima `top` [..., 1]. On a CPU, as the least index
+  holding the maximum: XLA's CPU argmax (a reduction of value-index pairs) took 1.14 ms for 64
+  rows of 8,000 logits, against 0.54 ms for this and 0.05 ms for the plain max."""
+  if jax.default_backend() != 'cpu':
+    return jnp.argmax(logits, axis=-1)
+  vocab = logits.shape[-1]
+  index = jnp.arange(vocab, dtype=jnp.float32)  # exact: vocabularies are below 2^24
+  first = jnp.min(jnp.where(logits == top, index, vocab - 1), axis=-1)
+  return first.astype(jnp.int32)
 
 
 def prefill_buckets(max_prefill_length: int) -> list[int]:

@@ -130,6 +130,24 @@ def test_plain_sampling_draws_what_the_filtering_path_draws_without_filters():
     np.testing.assert_array_equal(a, b)
 
 
+def test_greedy_takes_the_first_maximum_and_the_logprobs_are_log_softmax():
+  # The CPU's argmax is computed as the least index holding the maximum, and the drawn token's
+  # log-prob without the vocabulary's log_softmax: ties, negative rows and -inf entries included.
+  logits = jnp.round(jax.random.normal(jax.random.key(5), (32, 700)) * 2)  # many ties
+  logits = logits.at[3].set(-5.0).at[4, :350].set(-jnp.inf).at[5, 699].set(99.0)
+  n = logits.shape[0]
+  keys = jax.random.key_data(jax.random.split(jax.random.key(6), n))
+  for mode in MODES:
+    temperature = jnp.zeros((n,)) if mode == 'greedy' else jnp.full((n,), 0.8)
+    tokens, logp = jax.jit(sample_tokens, static_argnames='mode')(
+        logits, keys, jnp.arange(n), temperature, jnp.zeros((n,), jnp.int32), jnp.ones((n,)),
+        mode=mode)
+    if mode == 'greedy':
+      np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]
+    np.testing.assert_allclose(logp, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('mode, top_k, probs', [
     ('sample', 0, [0.1, 0.2, 0.7, 0.0]),
     ('filtered', 2, [0.0, 0.2 / 0.9, 0.7 / 0.9, 0.0]),  # top-2 of [0.1, 0.2, 0.7, 0]

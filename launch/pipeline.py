@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from configs import entry
 from data.tokenizer import load_tokenizer
-from eval.accuracy import evaluate_accuracy
+from eval.accuracy import describe_change, evaluate_accuracy, paired_comparison
 from eval.perplexity import evaluate_perplexity
 from eval.reward import evaluate_reward_accuracy, score_policy
 from launch.onpolicy_pairs import make_pairs
@@ -130,15 +130,17 @@ def _sft_stage(config, workdir: str, pre_dir: str, report: dict) -> list[tuple[s
   result, seconds = _train_stage(sft, config.sft, sft_dir, pre_dir)
   before = evaluate_accuracy(pre_dir, task_from=sft_dir)  # The same problems, pretrained model.
   after = evaluate_accuracy(sft_dir)
+  paired = paired_comparison(before['correct'], after['correct'])
   report['sft'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
-                   'accuracy_after': after['accuracy'], 'format_rate': after['format_rate'],
+                   'accuracy_after': after['accuracy'], 'paired': paired,
+                   'format_rate': after['format_rate'],
                    'eval_loss_before': before['eval_loss'],
                    'eval_loss_after': after['eval_loss'], 'samples': after['samples']}
   kind = f'LoRA rank {config.sft.lora.rank}' if config.sft.lora.rank else 'full'
   return [('sft', 'task', f'{config.sft.data.source} ({after["problems"]} held-out problems), '
                           f'{kind}, {result.step} steps'),
-          ('sft', 'exact-match accuracy', f'{before["accuracy"]:.0%} (pretrained) -> '
-                                          f'{after["accuracy"]:.0%}'),
+          ('sft', 'exact-match accuracy', describe_change(before['accuracy'], after['accuracy'],
+                                                          paired, 'pretrained')),
           ('sft', 'answers showing working', f'{after["format_rate"]:.0%} (greedy)'),
           ('sft', 'held-out answer loss', f'{before["eval_loss"]:.2f} -> {after["eval_loss"]:.2f}'),
           ('sft', 'wall time', f'{seconds:.0f} s')]
@@ -157,6 +159,7 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
   split = {k: mean(records, f'time_{k}_s') for k in ('generate', 'logprobs', 'update', 'step')}
   report['grpo'] = {'steps': result.step, 'seconds': seconds, 'accuracy_before': before['accuracy'],
                     'accuracy_after': after['accuracy'],
+                    'paired': paired_comparison(before['correct'], after['correct']),
                     'format_rate_before': before['format_rate'],
                     'format_rate_after': after['format_rate'],
                     'reward_first': mean(records[:n], 'reward_mean'),
@@ -168,8 +171,9 @@ def _grpo_stage(config, workdir: str, sft_dir: str, report: dict) -> list[tuple[
   return [('grpo', 'task', f'{c.data.source}, {c.train.batch_size // c.grpo.num_generations} '
                            f'prompts x {c.grpo.num_generations} samples, {result.step} steps, '
                            f'{kind}, loss {c.grpo.loss_type}'),
-          ('grpo', 'exact-match accuracy', f'{g["accuracy_before"]:.0%} (SFT) -> '
-                                           f'{g["accuracy_after"]:.0%}'),
+          ('grpo', 'exact-match accuracy', describe_change(g['accuracy_before'],
+                                                           g['accuracy_after'], g['paired'],
+                                                           'SFT')),
           ('grpo', 'answers showing working', f'{g["format_rate_before"]:.0%} (SFT) -> '
                                               f'{g["format_rate_after"]:.0%}'),
           ('grpo', 'mean reward', f'{g["reward_first"]:.2f} (first {n} steps) -> '
@@ -200,8 +204,6 @@ def _preference_stages(config, workdir: str, sft_dir: str,
            ('reward', 'held-out pair accuracy', f'{start["eval_accuracy"]:.2f} (step 0) -> '
                                                 f'{acc["accuracy"]:.2f} ({acc["pairs"]} pairs)'),
            ('reward', 'wall time', f'{seconds:.0f} s')]
-  sft_score = score_policy(rm_dir, sft_dir)
-  report['reward']['sft_policy'] = sft_score
 
   for name, module, cfg in (('ppo', ppo, config.ppo), ('dpo', dpo, config.dpo)):
     t0 = time.time()  # The DPO stage's time includes making its pairs.
@@ -229,18 +231,22 @@ def _preference_stages(config, workdir: str, sft_dir: str,
     result, _ = _train_stage(module, cfg, stage_dir, sft_dir)
     seconds = time.time() - t0
     after = score_policy(rm_dir, stage_dir)
+    # The SFT model on this stage's own held-out problems (the stages' configs may hold out
+    # other ones than the SFT run's), so that the two are compared problem by problem.
+    before = score_policy(rm_dir, sft_dir, task_from=stage_dir)
+    paired = paired_comparison(before['correct'], after['correct'])
     report[name] = {'steps': result.step, 'seconds': seconds, 'accuracy_before':
-                    sft_score['accuracy'], 'accuracy_after': after['accuracy'],
-                    'score_before': sft_score['score_mean'], 'score_after': after['score_mean']}
+                    before['accuracy'], 'accuracy_after': after['accuracy'], 'paired': paired,
+                    'score_before': before['score_mean'], 'score_after': after['score_mean']}
     kind = f'LoRA rank {cfg.lora.rank}' if cfg.lora.rank else 'full'
     what = (f'{cfg.train.batch_size} prompts x {cfg.ppo.epochs} epochs, {kind}, {result.step} '
             f'steps' if name == 'ppo' else
             f'loss {cfg.dpo.loss_type}, {kind}, {result.step} steps of {cfg.train.batch_size} '
             f'pairs')
     rows += [(name, 'setting', what),
-             (name, 'exact-match accuracy', f'{sft_score["accuracy"]:.0%} (SFT) -> '
-                                            f'{after["accuracy"]:.0%}'),
-             (name, 'reward-model score', f'{sft_score["score_mean"]:.2f} (SFT) -> '
+             (name, 'exact-match accuracy', describe_change(before['accuracy'],
+                                                            after['accuracy'], paired, 'SFT')),
+             (name, 'reward-model score', f'{before["score_mean"]:.2f} (SFT) -> '
                                           f'{after["score_mean"]:.2f}')]
     if name == 'ppo':
       records = [r for r in read_metrics(os.path.join(stage_dir, 'metrics.jsonl'))

@@ -39,11 +39,26 @@ def test_tiny_pipeline_runs_every_stage(tmp_path, capsys):
   sft_logits = np.asarray(sft_model(tokens))
   for stage in ('ppo', 'dpo'):
     assert report[stage]['steps'] == config[stage].train.steps
-    assert report[stage]['accuracy_before'] == report['reward']['sft_policy']['accuracy']
+    # The SFT baseline is scored on the stage's own held-out problems (beside the stage's).
+    with open(tmp_path / 'sft' / f'eval_reward_score_on_{stage}.json') as f:
+      baseline = json.load(f)
+    assert baseline['task_from'] == str(tmp_path / stage)
+    assert report[stage]['accuracy_before'] == baseline['accuracy']
     # The policy moved: its saved weights give other logits than the SFT model's (two tiny
     # steps need not change a greedy answer, so the reward-model score may stay put).
     moved, _ = checkpoint.load_model(str(tmp_path / stage), dtype='float32')
     assert np.abs(np.asarray(moved(tokens)) - sft_logits).max() > 1e-6, stage
+  # Each accuracy change comes with its paired count: fixed minus broken problems is the change
+  # in correct answers, and the cell prints them with McNemar's p.
+  for stage, scores in (('sft', 'eval_accuracy.json'), ('grpo', 'eval_accuracy.json'),
+                        ('ppo', 'eval_reward_score.json'), ('dpo', 'eval_reward_score.json')):
+    with open(tmp_path / stage / scores) as f:
+      n = json.load(f)['problems']
+    r, paired = report[stage], report[stage]['paired']
+    assert paired['fixed'] - paired['broken'] == round((r['accuracy_after'] -
+                                                        r['accuracy_before']) * n), stage
+    assert 0 < paired['p_value'] <= 1
+    assert f"({paired['fixed']} fixed, {paired['broken']} broken, p=" in out, stage
   assert 'held-out perplexity' in out and 'exact-match accuracy' in out and 'grpo' in out
   assert 'answers showing working' in out
   assert 'held-out pair accuracy' in out and 'reward-model score' in out

@@ -2,10 +2,11 @@
 on arithmetic problems it never saw rises far above the pretrained model's."""
 import os
 
+import numpy as np
 import pytest
 
 from configs import sft as sft_config
-from eval.accuracy import evaluate_accuracy
+from eval.accuracy import evaluate_accuracy, paired_comparison
 from tests.helpers import read_metrics, tiny_config
 from trainers import pretrain, sft
 
@@ -34,7 +35,26 @@ def test_sft_raises_held_out_accuracy(tmp_path):
   assert os.path.exists(os.path.join(run, 'eval_accuracy.json'))
   assert after['problems'] == before['problems'] == 100
   assert before['accuracy'] <= 0.02 and after['accuracy'] >= 0.15, (before, after)
+  assert len(after['correct']) == 100 and np.mean(after['correct']) == after['accuracy']
+  paired = paired_comparison(before['correct'], after['correct'])
+  assert paired['fixed'] - paired['broken'] == round(100 * (after['accuracy'] -
+                                                            before['accuracy']))
+  assert paired['p_value'] < 0.01  # 15 or more fixed, at most 2 broken: p <= 0.0024
   # The fine-tuned model answers in the trained shape (working, then `#### N`); the pretrained
   # one does not.
   assert before['format_rate'] <= 0.02 and after['format_rate'] >= 0.5, (before, after)
   assert after['eval_loss'] < 0.2 * before['eval_loss']
+
+
+def test_paired_comparison_counts_changed_verdicts_and_tests_them_exactly():
+  # 5 fixed, none broken: the exact two-sided McNemar p is 2 * 0.5**5; a problem without a
+  # reference (None) is left out; unchanged verdicts do not count.
+  before = [True, False, False, False, False, False, None, True]
+  after = [True, True, True, True, True, True, False, True]
+  assert paired_comparison(before, after) == {'fixed': 5, 'broken': 0, 'p_value': 0.0625}
+  swapped = paired_comparison(after, before)
+  assert (swapped['fixed'], swapped['broken'], swapped['p_value']) == (0, 5, 0.0625)
+  assert paired_comparison([True, False], [False, True])['p_value'] == 1.0
+  assert paired_comparison([True], [True]) == {'fixed': 0, 'broken': 0, 'p_value': 1.0}
+  with pytest.raises(ValueError, match='same problems'):
+    paired_comparison([True], [True, False])

@@ -139,8 +139,7 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
   answer = Answerer(model, tokenizer, problems, config.eval.max_new_tokens,
                     batch_size=batch_size)
   outs, greedy = answer()
-  right = [rewards.answers_match(rewards.extract_answer(text), p['answer'])
-           for text, p in zip(greedy, problems)]
+  right = answer_verdicts(greedy, problems)
   # The share of greedy answers in the trained shape (working, then `#### N`, ended by the model):
   # what the RL stages' format reward checks, and how a mixed-format SFT model's answers change.
   formatted = rewards.format_reward([p['prompt'] for p in problems], greedy,
@@ -173,6 +172,13 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
   with open(os.path.join(workdir, name), 'w') as f:
     json.dump(result, f, indent=2)
   return result
+
+
+def answer_verdicts(texts: list[str], problems: list[dict]) -> list[bool | None]:
+  """Whether each text's final answer matches its problem's reference (None without one)."""
+  return [None if p['answer'] is None else
+          bool(rewards.answers_match(rewards.extract_answer(t), p['answer']))
+          for t, p in zip(texts, problems)]
 
 
 def paired_comparison(before: list, after: list) -> dict:

@@ -78,8 +78,8 @@ def score_policy(reward_workdir: str, policy_workdir: str, *, task_from: str = '
   """The reward model's mean score of a policy's greedy answers to its held-out prompts (those
   of `task_from`'s run when given: a baseline scored on another run's problems), and their
   exact-match accuracy."""
-  from data import prompts as prompt_sources, rewards as reward_lib
-  from eval.accuracy import Answerer, task_config
+  from data import prompts as prompt_sources
+  from eval.accuracy import Answerer, answer_verdicts, task_config
   from models import checkpoint
   config = task_config(policy_workdir, task_from)
   _, held_out = prompt_sources.load_prompts(config.data, config.seed)
@@ -94,18 +94,17 @@ def score_policy(reward_workdir: str, policy_workdir: str, *, task_from: str = '
                                dtype=dtype)
   scores = scorer(answer.prompts, [o.tokens for o in outs],
                   length=max(map(len, answer.prompts)) + n_new)
-  correct = [None if p['answer'] is None else bool(reward_lib.answers_match(
-      reward_lib.extract_answer(t), p['answer'])) for t, p in zip(texts, problems)]
+  correct = answer_verdicts(texts, problems)
   known = [c for c in correct if c is not None]
   result = {'policy': policy_workdir, 'step': int(step), 'reward_model': reward_workdir,
             'reward_model_step': scorer.step, 'problems': len(problems),
             'score_mean': float(np.mean(scores)), 'score_std': float(np.std(scores)),
             'accuracy': float(np.mean(known)) if known else None,
             'correct': correct}  # per problem, None without a reference (paired_comparison)
-  name = ('eval_reward_score.json' if not task_from else
-          f'eval_reward_score_on_{os.path.basename(os.path.normpath(task_from))}.json')
+  name = 'eval_reward_score.json'
   if task_from:
     result['task_from'] = task_from
+    name = f'eval_reward_score_on_{os.path.basename(os.path.normpath(task_from))}.json'
   with open(os.path.join(policy_workdir, name), 'w') as f:
     json.dump(result, f, indent=2)
   return result

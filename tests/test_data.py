@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 
-from data import pipeline, sources
+from data import pipeline, sources, streaming
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 TEXT = """The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
@@ -417,6 +417,8 @@ def test_tfds_data_source(tmp_path, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
   corpus = sources.load_corpus('tfds:lmforge_test_corpus:train')
   assert sorted(corpus.docs) == [f'tfds document {i}' for i in range(4)]
+  docs = streaming.open_documents('tfds:lmforge_test_corpus:train')  # By index, as streamed.
+  assert [docs[i] for i in range(len(docs))] == corpus.docs
   with pytest.raises(ValueError, match="no text feature 'body'"):
     sources.load_corpus('tfds:lmforge_test_corpus', text_key='body')
   with pytest.raises(FileNotFoundError, match='no prepared TFDS dataset'):

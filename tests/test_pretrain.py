@@ -82,6 +82,37 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
   assert resumed == straight
 
 
+def test_streamed_pretraining_resumes_exactly_and_evaluates_its_held_out_documents(tmp_path):
+  """data.streaming: a JSONL corpus read as training reaches it (data/streaming.py); the loss
+  falls, a run stopped and resumed logs exactly the uninterrupted run's metrics (the grain
+  iterator's position comes back from the checkpoint), and eval.perplexity finds the documents
+  the run held out (its loss equals the trainer's last eval)."""
+  from data import sources
+  corpus = tmp_path / 'corpus.jsonl'
+  corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in sources.load_corpus('kjv').docs))
+  keys = {'data.streaming': True, 'data.source': str(corpus), 'data.max_chars': 0,
+          'train.steps': 24, 'train.log_every': 1, 'train.eval_every': 12,
+          'train.checkpoint_every': 4}
+  straight = pretrain.run(tiny_config(**keys), str(tmp_path / 'straight'))
+  assert straight.completed
+  assert not pretrain.run(tiny_config(**keys, **{'train.stop_after': 10}),
+                          str(tmp_path / 'resumed')).completed
+  assert pretrain.run(tiny_config(**keys), str(tmp_path / 'resumed')).completed
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  records = strip(read_metrics(tmp_path / 'straight'))
+  assert strip(read_metrics(tmp_path / 'resumed')) == records
+  assert records[-1]['loss'] < records[0]['loss'] - 1.0
+
+  config = tiny_config(**keys)
+  result = evaluate_perplexity(str(tmp_path / 'straight'),
+                               max_batches=config.train.eval_batches)
+  assert result['step'] == 24 and result['documents'] >= 1
+  assert result['eval_loss'] == pytest.approx(records[-1]['eval_loss'], rel=1e-4)
+
+  with pytest.raises(ValueError, match='data.max_chars .* does not apply with data.streaming'):
+    pretrain.run(tiny_config(**{**keys, 'data.max_chars': 1000}), str(tmp_path / 'bad'))
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, repo_root):
   workdir = str(tmp_path / 'run')
   cmd = [sys.executable, '-m', 'trainers.pretrain', '--config=configs/pretrain.py:tiny',

@@ -65,7 +65,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> presets.
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs=None):
   """The workdir's own tokenizer if it has one (a resumed run), else init_from's, else
-  tokenizer.path, else a new BPE tokenizer trained on `docs`."""
+  tokenizer.path, else a new BPE tokenizer trained on `docs` (or on what `docs()` returns, when
+  drawing them costs something only a new tokenizer should pay)."""
   for source in (workdir, config.init_from):
     if source and os.path.isdir(source) and find_tokenizer(source):
       return load_tokenizer(source)
@@ -75,6 +76,7 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs=None):
     if not os.path.exists(config.tokenizer.path):
       raise FileNotFoundError(f'tokenizer.path={config.tokenizer.path!r} does not exist')
     return load_tokenizer(config.tokenizer.path)
+  docs = docs() if callable(docs) else docs
   print(f'Training a {config.tokenizer.vocab_size}-token BPE tokenizer on {len(docs)} documents.')
   return train_tokenizer(docs, vocab_size=config.tokenizer.vocab_size,
                          max_chars=config.tokenizer.train_chars, seed=config.seed)

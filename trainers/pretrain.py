@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from data import pipeline, sources
+from data import pipeline, sources, streaming
 from models.losses import token_cross_entropy
 from trainers import cli, common, loop
 from trainers import workdir as workdir_lib
@@ -35,6 +35,7 @@ class PretrainData:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PretrainData:
+  """The in-memory path: the whole corpus read, split and tokenized before step 1."""
   corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
                                max_chars=config.data.max_chars)
   print(f'Corpus {corpus.name!r}: {len(corpus.docs)} documents, '
@@ -47,23 +48,52 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PretrainDat
                       pipeline.tokenize_documents(tokenizer, eval_docs))
 
 
+def streamed_data(config: ml_collections.ConfigDict, workdir: str):
+  """data.streaming: the tokenizer, the training iterator and the held-out stream, with nothing
+  read but a tokenizer's sample (when a new one is trained) and the eval documents."""
+  if config.data.max_chars:
+    raise ValueError('data.max_chars reads a prefix of the corpus into memory; it does not apply '
+                     'with data.streaming=True (point data.source at fewer files instead)')
+  docs = streaming.open_documents(config.data.source, text_key=config.data.text_key)
+  print(f'Corpus {docs.name!r}: {len(docs):,} documents, streamed (read and tokenized as '
+        'training reaches them)')
+  split = dict(seed=config.seed, eval_fraction=config.data.eval_fraction)
+  tokenizer = common.tokenizer_for(config, workdir, lambda: streaming.tokenizer_sample(
+      docs, **split, max_chars=config.tokenizer.train_chars))
+  per_process = common.per_process_batch(config)
+  train_iter = streaming.make_train_iterator(
+      docs, tokenizer, seq_len=config.data.seq_len, batch_size=per_process, **split,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.data.worker_count)
+  rows = per_process * jax.process_count() * config.train.eval_batches
+  eval_tokens, n_eval = streaming.eval_stream(docs, tokenizer, **split,
+                                              max_tokens=rows * config.data.seq_len + 1)
+  print(f'Held out: the first {n_eval} of the documents the split holds out '
+        f'({len(eval_tokens.tokens):,} tokens).')
+  return tokenizer, train_iter, eval_tokens
+
+
 @workdir_lib.stage('pretrain')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
-  data = prepare_data(config, workdir)
-  model_cfg = common.model_config(config, data.tokenizer.vocab_size)
-  mesh = common.mesh_from_config(config)
   per_process = common.per_process_batch(config)
-  train_iter = pipeline.make_train_iterator(
-      pipeline.PackedRows(data.train, config.data.seq_len), batch_size=per_process,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.data.worker_count)
+  if config.data.streaming:
+    tokenizer, train_iter, eval_tokens = streamed_data(config, workdir)
+  else:
+    data = prepare_data(config, workdir)
+    tokenizer, eval_tokens = data.tokenizer, data.eval
+    train_iter = pipeline.make_train_iterator(
+        pipeline.PackedRows(data.train, config.data.seq_len), batch_size=per_process,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count)
+  model_cfg = common.model_config(config, tokenizer.vocab_size)
+  mesh = common.mesh_from_config(config)
   eval_batches = None
-  if len(data.eval.tokens) and config.train.eval_batches:
+  if len(eval_tokens.tokens) and config.train.eval_batches:
     eval_batches = pipeline.make_eval_batches(
-        data.eval, seq_len=config.data.seq_len, batch_size=per_process,
+        eval_tokens, seq_len=config.data.seq_len, batch_size=per_process,
         max_batches=config.train.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
-  common.write_workdir(config, workdir, data.tokenizer, model_cfg)
+  common.write_workdir(config, workdir, tokenizer, model_cfg)
   model = common.initial_model(config, workdir, model_cfg, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
   print(f'Model {config.model.preset!r}: {n_params:,} parameters; mesh {dict(mesh.shape)}.')

@@ -1,0 +1,309 @@
+"""Pretraining on corpora larger than memory: documents read, tokenized and packed as training
+consumes them (`config.data.streaming=True`).
+
+The default path (data/pipeline.py) reads the whole corpus, tokenizes all of it before step 1 (on
+every host of a pod) and keeps the token stream in memory: right for the built-in corpora, not for
+a pretraining corpus of tens of gigabytes. This one starts in seconds and holds a few batches:
+
+- `open_documents(source)`: document i of a source without reading the others. ArrayRecord
+  records and TFDS examples are random-access already (grain's and tfds's data sources); JSONL
+  lines and plain-text documents get a byte-offset index built in one pass over the files (numpy
+  over memory-mapped bytes: 8 bytes a line, a few seconds a gigabyte); built-in corpora are small
+  and come from memory.
+- `held_out(indices)`: a document is held out for evaluation when a seeded hash of its index
+  falls under `data.eval_fraction`, so the split needs no list of the corpus and every process
+  and every eval script draws the same one.
+- `make_train_iterator`: a grain pipeline: every epoch a new permutation of the document indices
+  (grain's index shuffle, no per-document memory), each process its own share of them, held-out
+  and blank documents skipped, each document read and tokenized (BOS iff the tokenizer adds it,
+  EOS always) by grain's read threads or worker processes, then packed by grain's concat-then-
+  split into rows of `seq_len + 1` tokens and batched. Its state goes into the orbax checkpoints
+  as the in-memory iterator's does, so a resumed run reads exactly the batches it would have.
+- `eval_stream`: the first held-out documents in corpus order, only as many as the eval batches
+  need, as the `TokenStream` that `pipeline.make_eval_batches` cuts.
+
+Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
+holds seq_len + 1 tokens of the stream and the next row starts after them (the in-memory rows
+overlap by one token, so each row here predicts one token fewer); positions restart at 0 where a
+document cut at a row boundary continues in the next row (it cannot attend to its earlier part
+there); and each process (and each of its `data.worker_count` worker processes, whose batches
+take turns) packs its own documents, so the rows of a global batch depend on how many read them
+(the in-memory path's do not).
+"""
+import bisect
+import json
+import mmap
+import os
+import pathlib
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
+
+from data import pipeline, sources
+
+_INDEX_CHUNK = 64 << 20  # Bytes scanned at a time while indexing a JSONL file.
+_HELD_OUT_CHUNK = 1 << 16  # Document indices hashed at a time while walking the held-out set.
+
+
+class _MappedFile:
+  """A file's bytes through mmap, opened on first use (and again after pickling, for grain's
+  worker processes)."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self._mm = None
+
+  def __getstate__(self):
+    return {'path': self.path, '_mm': None}
+
+  def bytes(self, start: int, end: int) -> bytes:
+    if self._mm is None:
+      with open(self.path, 'rb') as f:
+        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return self._mm[start:end]
+
+
+class _JsonlFile:
+  """Line i of a JSONL file (blank lines included, so i + 1 is its line number)."""
+
+  def __init__(self, path: pathlib.Path, text_key: str):
+    self.path, self.text_key, self._file = path, text_key, _MappedFile(path)
+    size = path.stat().st_size
+    ends = []
+    with open(path, 'rb') as f:
+      offset = 0
+      while chunk := f.read(_INDEX_CHUNK):
+        ends.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord('\n')) + offset)
+        offset += len(chunk)
+    ends = np.concatenate(ends + [np.zeros(0, np.int64)]).astype(np.int64)
+    if size and (not len(ends) or ends[-1] != size - 1):
+      ends = np.append(ends, size)  # A last line without a newline.
+    self._ends = ends
+    self._starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return len(self._ends)
+
+  def __getitem__(self, i: int) -> str:
+    line = sources.decode_text(self._file.bytes(self._starts[i], self._ends[i]))[0]
+    if not line.strip():
+      return ''
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      raise ValueError(f'{self.path}, line {i + 1}: not valid JSON ({e})') from None
+    if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
+      raise ValueError(f'{self.path}, line {i + 1}: no string field {self.text_key!r} '
+                       '(set data.text_key)')
+    return record[self.text_key]
+
+
+class _TextFile:
+  """A plain-text file cut into documents as `sources.split_text` cuts it (at the last blank line
+  within DOC_CHARS, else the last line break), on bytes: at most DOC_CHARS bytes a document."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path, self._file = path, _MappedFile(path)
+    bounds, size = [0], path.stat().st_size
+    if size:
+      with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        start = 0
+        while size - start > sources.DOC_CHARS:
+          end = start + sources.DOC_CHARS
+          cut = max(mm.rfind(b'\n\n', start, end), mm.rfind(b'\n\r\n', start, end))
+          if cut <= start:
+            cut = mm.rfind(b'\n', start, end)
+          if cut <= start:
+            cut = end
+            while cut > start + 1 and 0x80 <= mm[cut] < 0xC0:  # Not inside a UTF-8 character.
+              cut -= 1
+          bounds.append(cut)
+          start = cut
+      bounds.append(size)
+    self._bounds = bounds  # Document i is bytes bounds[i]:bounds[i + 1]; an empty file has none.
+
+  def __len__(self) -> int:
+    return len(self._bounds) - 1
+
+  def __getitem__(self, i: int) -> str:
+    raw = self._file.bytes(self._bounds[i], self._bounds[i + 1])
+    return sources.decode_text(raw)[0].strip('\n')
+
+
+class _ArrayRecordFile:
+
+  def __init__(self, path: pathlib.Path, text_key: str):
+    self.path, self.text_key = path, text_key
+    self._records = grain.sources.ArrayRecordDataSource([str(path)])
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> str:
+    return sources.record_text(self._records[i], self.text_key, f'{self.path}, record {i}')[0]
+
+
+class _Tfds:
+
+  def __init__(self, source: str, text_key: str):
+    self.source, self.text_key = source, text_key
+    self._examples = sources.tfds_examples(source)
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, i: int) -> str:
+    return sources.tfds_example_text(self._examples[i], self.source, self.text_key, i)[0]
+
+
+class Documents:
+  """Random access to the documents of one or more files (or a built-in corpus, or a TFDS split),
+  in corpus order: `docs[i]` is a string ('' for a blank line or document, which training
+  skips). A grain-friendly source: picklable, read from any thread."""
+
+  def __init__(self, name: str, parts: list):
+    self.name, self._parts = name, [p for p in parts if len(p)]
+    self._offsets = np.cumsum([0] + [len(p) for p in self._parts]).tolist()
+    if not self._parts:
+      raise ValueError(f'data source {name!r} is empty: it has no documents')
+
+  def __len__(self) -> int:
+    return self._offsets[-1]
+
+  def __getitem__(self, i: int) -> str:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f'document {i} of {len(self)}')
+    part = bisect.bisect_right(self._offsets, i) - 1
+    return self._parts[part][i - self._offsets[part]]
+
+
+def open_documents(source: str, *, text_key: str = 'text') -> Documents:
+  """`source` as `sources.load_corpus` names it, without reading its documents."""
+  if source in sources.BUILTIN_SOURCES:
+    return Documents(source, [sources.load_corpus(source).docs])
+  if source.startswith('tfds:'):
+    return Documents(source, [_Tfds(source, text_key)])
+  parts = []
+  for path in sources.source_files(source):
+    if path.suffix == '.jsonl':
+      part = _JsonlFile(path, text_key)
+    elif path.suffix == '.array_record':
+      part = _ArrayRecordFile(path, text_key)
+    else:
+      part = _TextFile(path)
+    parts.append(part)
+  docs = Documents(source, parts)
+  for part in docs._parts:  # A wrong text_key or a file that is not JSON Lines fails here, not
+    for i in range(min(len(part), 100)):  # at some later step (the rest: when it is read).
+      if part[i].strip():
+        break
+  return docs
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser: a bijection of uint64 that scatters neighbouring inputs."""
+  x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def held_out(indices, *, seed: int, eval_fraction: float) -> np.ndarray:
+  """Whether each document index is held out: a seeded hash of the index, uniform in [0, 1),
+  under eval_fraction. The same for every process, run and eval script with the same seed."""
+  if not 0 <= eval_fraction < 1:
+    raise ValueError(f'eval_fraction={eval_fraction} is not in [0, 1)')
+  idx = np.asarray(indices, np.uint64)
+  with np.errstate(over='ignore'):
+    h = _mix(idx ^ _mix(np.full(idx.shape, seed, np.uint64)))
+  return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < eval_fraction
+
+
+class _ReadTokens:
+  """Document index -> {'tokens': int32 array}, or None (grain skips it) for a held-out or
+  blank document."""
+
+  def __init__(self, docs: Documents, tokenizer, *, seed: int, eval_fraction: float):
+    self.docs, self.tokenizer = docs, tokenizer
+    self.seed, self.eval_fraction = seed, eval_fraction
+
+  def __call__(self, i):
+    if self.eval_fraction and held_out([i], seed=self.seed, eval_fraction=self.eval_fraction)[0]:
+      return None
+    text = self.docs[i]
+    if not text.strip():
+      return None
+    ids = self.tokenizer.encode(text, bos=self.tokenizer.add_bos, eos=True)
+    return {'tokens': np.asarray(ids, np.int32)}
+
+
+def _to_row(packed: dict) -> dict:
+  """A packed run of seq_len + 1 tokens as the batch row of data/pipeline.py."""
+  tokens, seg, pos = packed['tokens'], packed['tokens_segment_ids'], packed['tokens_positions']
+  return {'inputs': tokens[:-1], 'targets': tokens[1:], 'positions': pos[:-1],
+          'segment_ids': seg[:-1],
+          'loss_mask': ((seg[1:] == seg[:-1]) & (seg[:-1] > 0)).astype(np.float32)}
+
+
+def make_train_iterator(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                        eval_fraction: float, process_index: int = 0, process_count: int = 1,
+                        worker_count: int = 0, read_threads: int = 4):
+  """An endless, checkpointable iterator over batches of `batch_size` packed rows (per process)
+  of the documents that are not held out; see the module docstring."""
+  if len(docs) < process_count:
+    raise ValueError(f'{len(docs)} documents are too few to give each of {process_count} '
+                     'processes one')
+  ds = grain.MapDataset.range(len(docs)).shuffle(seed).repeat()  # A new order every epoch.
+  ds = ds[process_index::process_count]
+  ds = ds.map(_ReadTokens(docs, tokenizer, seed=seed, eval_fraction=eval_fraction))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=4 * read_threads))
+  ds = ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len + 1})
+  ds = ds.map(_to_row).batch(batch_size, drop_remainder=True)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(ds)
+
+
+def eval_stream(docs: Documents, tokenizer, *, seed: int, eval_fraction: float,
+                max_tokens: int = 0) -> tuple[pipeline.TokenStream, int]:
+  """The held-out documents in corpus order, tokenized as training tokenizes, stopping once the
+  stream has `max_tokens` tokens (0: all of them); and how many documents it holds."""
+  encoded = []
+  total = 0
+  for start in range(0, len(docs) if eval_fraction else 0, _HELD_OUT_CHUNK):
+    idx = np.arange(start, min(start + _HELD_OUT_CHUNK, len(docs)))
+    for i in idx[held_out(idx, seed=seed, eval_fraction=eval_fraction)]:
+      text = docs[i]
+      if text.strip():
+        encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
+        total += len(encoded[-1])
+      if max_tokens and total >= max_tokens:
+        break
+    if max_tokens and total >= max_tokens:
+      break
+  tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, count=total)
+  doc_ids = np.repeat(np.arange(len(encoded), dtype=np.int32), [len(ids) for ids in encoded])
+  return pipeline.TokenStream(tokens, doc_ids), len(encoded)
+
+
+def tokenizer_sample(docs: Documents, *, seed: int, eval_fraction: float,
+                     max_chars: int) -> list[str]:
+  """Training documents drawn at random (seeded, without replacement) until they hold
+  `max_chars` characters: what a new tokenizer is trained on without reading the corpus."""
+  order = grain.MapDataset.range(len(docs)).shuffle(seed)
+  sample, chars = [], 0
+  for i in order:
+    if eval_fraction and held_out([i], seed=seed, eval_fraction=eval_fraction)[0]:
+      continue
+    text = docs[i]
+    if text.strip():
+      sample.append(text)
+      chars += len(text)
+    if chars >= max_chars:
+      break
+  if not sample:
+    raise ValueError(f'data source {docs.name!r} is empty: it has no non-whitespace text')
+  return sample

@@ -1,0 +1,230 @@
+"""data/streaming.py: documents read by index without loading the corpus, the hashed held-out split,
+and the packed training stream (every training document once an epoch, nothing held out, exact
+resumption, disjoint processes, nothing read ahead of need). The trainer's use of it is in
+tests/test_pretrain.py."""
+import json
+
+import numpy as np
+import pytest
+
+from data import sources, streaming
+
+EOS = 1
+
+
+class NumberTokenizer:
+  """Each whitespace-separated number is its token; EOS ends every document."""
+  add_bos = False
+
+  def encode(self, text, bos=False, eos=False):
+    return [int(w) for w in text.split()] + ([EOS] if eos else [])
+
+
+def number_docs(n, seed=0):
+  """Document i holds tokens that name it: 1000 * (i + 1) + 0, 1, 2, ... (3 to 40 of them)."""
+  lengths = np.random.default_rng(seed).integers(3, 40, size=n)
+  return [' '.join(str(1000 * (i + 1) + j) for j in range(k)) for i, k in enumerate(lengths)]
+
+
+class CountingList(list):
+  reads = 0
+
+  def __getitem__(self, i):
+    CountingList.reads += 1
+    return super().__getitem__(i)
+
+
+def stream_of(batches):
+  """The token stream the rows were cut from: each row's inputs and its last target."""
+  return [t for b in batches for inputs, targets in zip(b['inputs'], b['targets'])
+          for t in list(inputs) + [targets[-1]]]
+
+
+def documents_in(stream):
+  """The stream cut at EOS into documents, named by their first token (the first piece may be
+  the tail of a document and the last one unfinished: both dropped)."""
+  cuts = [i for i, t in enumerate(stream) if t == EOS]
+  pieces = [stream[a + 1:b] for a, b in zip(cuts, cuts[1:])]
+  return [(p[0] // 1000 - 1, p) for p in pieces]
+
+
+def batches_of(docs, n, **kw):
+  kw = {'seq_len': 16, 'batch_size': 2, 'seed': 0, 'eval_fraction': 0.2, **kw}
+  it = streaming.make_train_iterator(docs, NumberTokenizer(), **kw)
+  return [next(it) for _ in range(n)]
+
+
+# Documents.
+
+
+def test_documents_are_load_corpus_documents_read_one_at_a_time(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  kjv = sources.load_corpus('kjv').docs
+  (tmp_path / 'a.txt').write_text('\n\n'.join(kjv[:40]))  # Cut at blank lines, as split_text.
+  lines = [json.dumps({'text': d}) for d in kjv[40:60]]
+  (tmp_path / 'b.jsonl').write_text('\n'.join(lines[:5] + ['', '  '] + lines[5:]))  # No last \n.
+  writer = ArrayRecordWriter(str(tmp_path / 'c.array_record'), 'group_size:1')
+  for d in kjv[60:65]:
+    writer.write(json.dumps({'text': d}).encode())
+  writer.close()
+  (tmp_path / 'd.txt').write_text('')
+
+  docs = streaming.open_documents(str(tmp_path))
+  read = [docs[i] for i in range(len(docs))]
+  assert [d for d in read if d.strip()] == sources.load_corpus(str(tmp_path)).docs
+  assert read.count('') == 2  # The blank lines, which training skips.
+  assert len(sources.load_corpus(str(tmp_path / 'a.txt')).docs) > 40 // 2
+  with pytest.raises(IndexError):
+    docs[len(docs)]
+
+
+def test_bad_records_are_errors_naming_file_and_line(tmp_path):
+  path = tmp_path / 'x.jsonl'
+  path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{not json\n')
+  docs = streaming.open_documents(str(path))
+  assert docs[1] == 'also fine'
+  with pytest.raises(ValueError, match=r'x.jsonl, line 3: not valid JSON'):
+    docs[2]
+  with pytest.raises(ValueError, match=r"x.jsonl, line 1: no string field 'body'"):
+    streaming.open_documents(str(path), text_key='body')  # At once, not at some later step.
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('')
+  with pytest.raises(ValueError, match='is empty'):
+    streaming.open_documents(str(empty))
+  with pytest.raises(FileNotFoundError, match='neither a built-in source'):
+    streaming.open_documents(str(tmp_path / 'missing.jsonl'))
+
+
+def test_held_out_is_a_seeded_hash_of_the_index():
+  idx = np.arange(200_000)
+  a = streaming.held_out(idx, seed=0, eval_fraction=0.05)
+  assert abs(a.mean() - 0.05) < 0.003
+  np.testing.assert_array_equal(a[1234:1300], streaming.held_out(idx[1234:1300], seed=0,
+                                                                 eval_fraction=0.05))
+  b = streaming.held_out(idx, seed=1, eval_fraction=0.05)
+  assert (a & b).mean() < 0.005  # Another seed, another (nearly independent) split.
+  assert not streaming.held_out(idx, seed=0, eval_fraction=0.0).any()
+  with pytest.raises(ValueError, match=r'eval_fraction=1.0 is not in \[0, 1\)'):
+    streaming.held_out(idx, seed=0, eval_fraction=1.0)
+
+
+# The training stream.
+
+
+def test_rows_are_packed_documents_with_their_masks():
+  docs = streaming.Documents('numbers', [number_docs(50)])
+  for b in batches_of(docs, 20):
+    assert b['inputs'].shape == b['targets'].shape == (2, 16)
+    np.testing.assert_array_equal(b['targets'][:, :-1], b['inputs'][:, 1:])
+    seg = b['segment_ids']
+    starts = np.c_[np.ones((2, 1), bool), seg[:, 1:] != seg[:, :-1]]
+    assert (b['positions'][starts] == 0).all()  # Each piece of a document starts at 0 ...
+    np.testing.assert_array_equal(b['positions'][~starts],  # ... and counts up.
+                                  (b['positions'] + 1)[:, :-1][~starts[:, 1:]])
+    # The loss skips exactly the prediction of a next document's first token from an EOS.
+    np.testing.assert_array_equal(b['loss_mask'] == 0, b['inputs'] == EOS)
+
+
+def test_an_epoch_reads_every_training_document_once_and_none_held_out():
+  texts = number_docs(60)
+  docs = streaming.Documents('numbers', [texts])
+  train = set(np.flatnonzero(~streaming.held_out(np.arange(60), seed=0, eval_fraction=0.2)))
+  assert 30 < len(train) < 60
+  read = documents_in(stream_of(batches_of(docs, 120)))  # About three epochs.
+  for i, tokens in read:
+    assert tokens == NumberTokenizer().encode(texts[i])  # Whole and unchanged.
+  order = [i for i, _ in read]
+  first = order[:len(train) - 1]  # The first piece is the tail of the first document: dropped.
+  assert len(set(first)) == len(first) and set(first) <= train
+  assert set(order) == train
+  second = order[len(train) - 1:2 * len(train) - 1]
+  assert set(second) == train and second != first  # Every epoch in a new order.
+
+
+def test_processes_read_disjoint_documents():
+  docs = streaming.Documents('numbers', [number_docs(80)])
+  read = [[i for i, _ in documents_in(stream_of(batches_of(docs, 60, process_index=p,
+                                                           process_count=2)))] for p in (0, 1)]
+  train = set(np.flatnonzero(~streaming.held_out(np.arange(80), seed=0, eval_fraction=0.2)))
+  assert set(read[0]) | set(read[1]) == train
+  # Each epoch's order is cut between the two processes: in the first epoch (about 30 documents
+  # between them) none is read by both.
+  assert len(read[0]) > 40 and len(read[1]) > 40
+  assert not set(read[0][:12]) & set(read[1][:12])
+
+
+@pytest.mark.parametrize('read_threads', [1, 4])
+def test_the_iterator_resumes_exactly(read_threads):
+  docs = streaming.Documents('numbers', [number_docs(50)])
+  kw = dict(seq_len=16, batch_size=2, seed=3, eval_fraction=0.1, read_threads=read_threads)
+  it = streaming.make_train_iterator(docs, NumberTokenizer(), **kw)
+  for _ in range(13):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(30)]
+  again = streaming.make_train_iterator(docs, NumberTokenizer(), **kw)
+  again.set_state(state)
+  for a, b in zip(want, [next(again) for _ in range(30)]):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_nothing_is_read_before_it_is_needed():
+  CountingList.reads = 0
+  docs = streaming.Documents('numbers', [CountingList(number_docs(5000))])
+  assert CountingList.reads == 0
+  batches_of(docs, 3, read_threads=2)
+  assert 0 < CountingList.reads < 60  # Three batches and grain's read-ahead, of 5,000.
+
+
+def test_eval_stream_holds_the_held_out_documents_in_order():
+  texts = number_docs(300)
+  docs = streaming.Documents('numbers', [texts])
+  held = np.flatnonzero(streaming.held_out(np.arange(300), seed=0, eval_fraction=0.1))
+  stream, n = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.1)
+  assert n == len(held)
+  want = [t for i in held for t in NumberTokenizer().encode(texts[i], eos=True)]
+  assert stream.tokens.tolist() == want
+  assert stream.doc_ids.max() == n - 1
+  short, n_short = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.1,
+                                         max_tokens=50)
+  assert 50 <= len(short.tokens) < 50 + 41 and short.tokens.tolist() == want[:len(short.tokens)]
+  empty, none = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.0)
+  assert none == 0 and len(empty.tokens) == 0
+
+
+def test_tokenizer_sample_draws_training_documents_up_to_the_budget():
+  texts = number_docs(400)
+  docs = streaming.Documents('numbers', [texts])
+  sample = streaming.tokenizer_sample(docs, seed=0, eval_fraction=0.1, max_chars=5000)
+  assert 5000 <= sum(map(len, sample)) < 5000 + 400
+  held = {texts[i] for i in np.flatnonzero(streaming.held_out(np.arange(400), seed=0,
+                                                              eval_fraction=0.1))}
+  assert not held & set(sample)
+  assert sample != texts[:len(sample)]  # Drawn at random, not the corpus' first files.
+
+
+def test_worker_processes_read_a_jsonl_corpus_and_resume(tmp_path):
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; trainers parse them in app.run
+  texts = number_docs(60)
+  path = tmp_path / 'numbers.jsonl'
+  path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  docs = streaming.open_documents(str(path))  # Memory-mapped, reopened in each worker.
+  make = lambda: streaming.make_train_iterator(docs, NumberTokenizer(), seq_len=16, batch_size=2,
+                                               seed=0, eval_fraction=0.2, worker_count=2)
+  it = make()
+  first = [next(it) for _ in range(8)]
+  state = it.get_state()
+  want = [next(it) for _ in range(4)]
+  for worker in (0, 1):  # Each packs its own documents; their batches alternate.
+    read = documents_in(stream_of((first + want)[worker::2]))
+    assert len(read) >= 5
+    for i, tokens in read:
+      assert tokens == NumberTokenizer().encode(texts[i])
+      assert not streaming.held_out([i], seed=0, eval_fraction=0.2)[0]
+  resumed = make()
+  resumed.set_state(state)
+  for a, b in zip(want, [next(resumed) for _ in range(4)]):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])

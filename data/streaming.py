@@ -19,7 +19,7 @@ a pretraining corpus of tens of gigabytes. This one starts in seconds and holds 
   EOS always) by grain's read threads or worker processes, then packed by grain's concat-then-
   split into rows of `seq_len + 1` tokens and batched. Its state goes into the orbax checkpoints
   as the in-memory iterator's does, so a resumed run reads exactly the batches it would have.
-- `eval_stream`: the first held-out documents in corpus order, only as many as the eval batches
+- `eval_stream`: held-out documents in a seeded random order, only as many as the eval batches
   need, as the `TokenStream` that `pipeline.make_eval_batches` cuts.
 
 Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
@@ -43,7 +43,7 @@ from grain.experimental import ConcatThenSplitIterDataset
 from data import pipeline, sources
 
 _INDEX_CHUNK = 64 << 20  # Bytes scanned at a time while indexing a JSONL file.
-_HELD_OUT_CHUNK = 1 << 16  # Document indices hashed at a time while walking the held-out set.
+_HELD_OUT_CHUNK = 1 << 20  # Document indices hashed at a time while finding the held-out set.
 
 
 class _MappedFile:
@@ -267,23 +267,33 @@ def make_train_iterator(docs: Documents, tokenizer, *, seq_len: int, batch_size:
   return iter(ds)
 
 
+def held_out_order(n: int, *, seed: int, eval_fraction: float) -> np.ndarray:
+  """The indices of the held-out documents among n, in a seeded random order (so the first ones,
+  all an eval of a few batches reads, come from across the corpus, not from its first file).
+  Hashing is vectorized: a few seconds for 10^8 documents, 8 bytes per held-out one."""
+  if not eval_fraction:
+    return np.zeros(0, np.int64)
+  held = [idx[held_out(idx, seed=seed, eval_fraction=eval_fraction)]
+          for idx in (np.arange(a, min(a + _HELD_OUT_CHUNK, n), dtype=np.int64)
+                      for a in range(0, n, _HELD_OUT_CHUNK))]
+  held = np.concatenate(held + [np.zeros(0, np.int64)])
+  with np.errstate(over='ignore'):
+    keys = _mix(held.astype(np.uint64) ^ _mix(np.full(held.shape, seed + 1, np.uint64)))
+  return held[np.argsort(keys, kind='stable')]
+
+
 def eval_stream(docs: Documents, tokenizer, *, seed: int, eval_fraction: float,
                 max_tokens: int = 0) -> tuple[pipeline.TokenStream, int]:
-  """The held-out documents in corpus order, tokenized as training tokenizes, stopping once the
-  stream has `max_tokens` tokens (0: all of them); and how many documents it holds."""
-  encoded = []
-  total = 0
-  for start in range(0, len(docs) if eval_fraction else 0, _HELD_OUT_CHUNK):
-    idx = np.arange(start, min(start + _HELD_OUT_CHUNK, len(docs)))
-    for i in idx[held_out(idx, seed=seed, eval_fraction=eval_fraction)]:
-      text = docs[i]
-      if text.strip():
-        encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
-        total += len(encoded[-1])
-      if max_tokens and total >= max_tokens:
-        break
+  """The held-out documents in `held_out_order`, tokenized as training tokenizes them, stopping
+  once the stream has `max_tokens` tokens (0: all of them); and how many documents it holds."""
+  encoded, total = [], 0
+  for i in held_out_order(len(docs), seed=seed, eval_fraction=eval_fraction):
     if max_tokens and total >= max_tokens:
       break
+    text = docs[i]
+    if text.strip():
+      encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
+      total += len(encoded[-1])
   tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, count=total)
   doc_ids = np.repeat(np.arange(len(encoded), dtype=np.int32), [len(ids) for ids in encoded])
   return pipeline.TokenStream(tokens, doc_ids), len(encoded)

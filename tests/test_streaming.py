@@ -177,17 +177,22 @@ def test_nothing_is_read_before_it_is_needed():
   assert 0 < CountingList.reads < 60  # Three batches and grain's read-ahead, of 5,000.
 
 
-def test_eval_stream_holds_the_held_out_documents_in_order():
-  texts = number_docs(300)
+def test_eval_stream_holds_the_held_out_documents_in_a_seeded_order():
+  texts = number_docs(3000)
   docs = streaming.Documents('numbers', [texts])
-  held = np.flatnonzero(streaming.held_out(np.arange(300), seed=0, eval_fraction=0.1))
+  held = np.flatnonzero(streaming.held_out(np.arange(3000), seed=0, eval_fraction=0.1))
+  order = streaming.held_out_order(3000, seed=0, eval_fraction=0.1)
+  assert sorted(order.tolist()) == held.tolist()
+  np.testing.assert_array_equal(order, streaming.held_out_order(3000, seed=0, eval_fraction=0.1))
+  # The first few come from across the corpus, not from its beginning.
+  assert order[:20].max() > 1500 and order[:20].min() < 1500
   stream, n = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.1)
   assert n == len(held)
-  want = [t for i in held for t in NumberTokenizer().encode(texts[i], eos=True)]
+  want = [t for i in order for t in NumberTokenizer().encode(texts[i], eos=True)]
   assert stream.tokens.tolist() == want
   assert stream.doc_ids.max() == n - 1
-  short, n_short = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.1,
-                                         max_tokens=50)
+  short, _ = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.1,
+                                   max_tokens=50)
   assert 50 <= len(short.tokens) < 50 + 41 and short.tokens.tolist() == want[:len(short.tokens)]
   empty, none = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.0)
   assert none == 0 and len(empty.tokens) == 0

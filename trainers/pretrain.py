@@ -68,8 +68,8 @@ def streamed_data(config: ml_collections.ConfigDict, workdir: str):
   rows = per_process * jax.process_count() * config.train.eval_batches
   eval_tokens, n_eval = streaming.eval_stream(docs, tokenizer, **split,
                                               max_tokens=rows * config.data.seq_len + 1)
-  print(f'Held out: the first {n_eval} of the documents the split holds out '
-        f'({len(eval_tokens.tokens):,} tokens).')
+  print(f'Held out: {n_eval} documents for the eval batches ({len(eval_tokens.tokens):,} tokens), '
+        'drawn from across the corpus.')
   return tokenizer, train_iter, eval_tokens
 
 

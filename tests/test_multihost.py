@@ -59,3 +59,24 @@ def test_two_processes_train_what_one_process_trains_and_resume_together(repo_ro
         np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=f'step {a["step"]} {key}')
   assert sorted(os.listdir(os.path.join(two, 'checkpoints'))) == sorted(
       os.listdir(os.path.join(one, 'checkpoints')))
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_stream_their_own_documents_and_resume_exactly(repo_root, tmp_path):
+  """data.streaming across processes: each packs its own share of the documents (so the losses
+  are not one process's), and a stopped run resumes each process's iterator exactly."""
+  streamed = ['--config.data.streaming=True', '--config.data.source=kjv']
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  codes, outs = _two_processes(repo_root, straight, *streamed)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  codes, outs = _two_processes(repo_root, resumed, *streamed, '--config.train.stop_after=3')
+  assert codes == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  codes, outs = _two_processes(repo_root, resumed, *streamed)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert f'Resumed from {resumed}/checkpoints/3.' in outs[0], outs[0][-2000:]
+  want, got = _metrics(straight), _metrics(resumed)
+  assert [r['step'] for r in got] == list(range(1, 7))
+  for a, b in zip(want, got):
+    for key in ('loss', 'eval_loss'):
+      if key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=f'step {a["step"]} {key}')

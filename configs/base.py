@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Pretraining only: read, tokenize and pack documents as training consumes them (corpora larger
   # than memory; data/streaming.py) instead of tokenizing the whole corpus before step 1.
   c.data.streaming = False
+  # With data.streaming and a data.source of several sources joined by '+': the share of
+  # documents drawn from each, in order ('0.7,0.3'; normalised). '' = their document counts.
+  c.data.mixture_weights = ''
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps.

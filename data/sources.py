@@ -13,6 +13,8 @@ fetched at run time:
   document per example's `text_key` feature.
 - anything else is a path: a .txt file, a .jsonl file, an .array_record file (records of UTF-8
   text, or JSON objects holding the text under `text_key`), a directory of them, or a glob.
+- several of these joined with '+' ('kjv+python_stdlib'), read one after the other (a path that
+  exists is taken whole, '+' or not); data/streaming.py mixes them by weight instead.
 """
 import dataclasses
 import glob
@@ -70,7 +72,10 @@ def load_corpus(source: str, *, text_key: str = 'text', max_chars: int = 0) -> C
 
 def _read_source(source: str, text_key: str) -> Iterator[tuple[list[str], int]]:
   """Yields (documents, replaced characters) one file at a time, so max_chars reads no more."""
-  if source == 'shakespeare':
+  if len(names := split_sources(source)) > 1:  # Several sources, one after the other.
+    for name in names:
+      yield from _read_source(name, text_key)
+  elif source == 'shakespeare':
     yield from _shakespeare()
   elif source == 'kjv':
     yield _kjv()
@@ -92,6 +97,18 @@ def _read_source(source: str, text_key: str) -> Iterator[tuple[list[str], int]]:
         yield _jsonl_docs(text, path, text_key), replaced
       else:
         yield split_text(text), replaced
+
+
+def split_sources(source: str) -> list[str]:
+  """The sources of 'a+b+...': cut at each '+' except inside the longest run of parts that names
+  an existing path (so 'x+y.jsonl' may be one file)."""
+  parts, names, i = source.split('+'), [], 0
+  while i < len(parts):
+    j = next((j for j in range(len(parts), i + 1, -1)
+              if os.path.exists(os.path.expanduser('+'.join(parts[i:j])))), i + 1)
+    names.append('+'.join(parts[i:j]))
+    i = j
+  return names
 
 
 def source_files(source: str) -> list[pathlib.Path]:

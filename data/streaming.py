@@ -21,6 +21,10 @@ a pretraining corpus of tens of gigabytes. This one starts in seconds and holds 
   as the in-memory iterator's does, so a resumed run reads exactly the batches it would have.
 - `eval_stream`: held-out documents in a seeded random order, only as many as the eval batches
   need, as the `TokenStream` that `pipeline.make_eval_batches` cuts.
+- Mixtures: `open_sources('a+b+c')` opens each source; the iterator mixes them document by
+  document by `mixture_weights` (grain's `IterDataset.mix`, keyed by source, so each source's
+  position resumes), each with its own shuffle and held-out split (seed + k for source k), and
+  the eval stream takes each source's share of the held-out tokens.
 
 Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
 holds seq_len + 1 tokens of the stream and the next row starts after them (the in-memory rows
@@ -202,6 +206,38 @@ def open_documents(source: str, *, text_key: str = 'text') -> Documents:
   return docs
 
 
+def open_sources(source: str, *, text_key: str = 'text') -> list[Documents]:
+  """One `Documents` per source of a mixture 'a+b+...' (`sources.split_sources`)."""
+  names = sources.split_sources(source)
+  if len(set(names)) < len(names) or not all(names):
+    raise ValueError(f'data.source={source!r}: sources joined with "+" must be distinct and '
+                     'non-empty')
+  return [open_documents(name, text_key=text_key) for name in names]
+
+
+def mixture_weights(docs: list[Documents], weights: str = '') -> list[float]:
+  """The share of documents drawn from each source: `weights` ('0.7,0.3', normalised), or in
+  proportion to the sources' document counts when it is ''."""
+  if not weights:
+    counts = [len(d) for d in docs]
+    return [c / sum(counts) for c in counts]
+  try:
+    values = [float(w) for w in weights.split(',')]
+  except ValueError:
+    raise ValueError(f'data.mixture_weights={weights!r} is not a comma-separated list of '
+                     'numbers') from None
+  if len(values) != len(docs):
+    raise ValueError(f'data.mixture_weights={weights!r} gives {len(values)} weights for '
+                     f'{len(docs)} sources ({", ".join(d.name for d in docs)})')
+  if not all(v > 0 and np.isfinite(v) for v in values):
+    raise ValueError(f'data.mixture_weights={weights!r}: every weight must be positive')
+  return [v / sum(values) for v in values]
+
+
+def _as_list(docs) -> list[Documents]:
+  return [docs] if isinstance(docs, Documents) else list(docs)
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
   """SplitMix64's finaliser: a bijection of uint64 that scatters neighbouring inputs."""
   x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -247,19 +283,30 @@ def _to_row(packed: dict) -> dict:
           'loss_mask': ((seg[1:] == seg[:-1]) & (seg[:-1] > 0)).astype(np.float32)}
 
 
-def make_train_iterator(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                        eval_fraction: float, process_index: int = 0, process_count: int = 1,
-                        worker_count: int = 0, read_threads: int = 4):
+def make_train_iterator(docs: Documents | list[Documents], tokenizer, *, seq_len: int,
+                        batch_size: int, seed: int, eval_fraction: float,
+                        weights: list[float] | None = None, process_index: int = 0,
+                        process_count: int = 1, worker_count: int = 0, read_threads: int = 4):
   """An endless, checkpointable iterator over batches of `batch_size` packed rows (per process)
-  of the documents that are not held out; see the module docstring."""
-  if len(docs) < process_count:
-    raise ValueError(f'{len(docs)} documents are too few to give each of {process_count} '
-                     'processes one')
-  ds = grain.MapDataset.range(len(docs)).shuffle(seed).repeat()  # A new order every epoch.
-  ds = ds[process_index::process_count]
-  ds = ds.map(_ReadTokens(docs, tokenizer, seed=seed, eval_fraction=eval_fraction))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=4 * read_threads))
+  of the documents that are not held out; see the module docstring. Several sources are mixed
+  document by document in proportion to `weights` (grain's `IterDataset.mix`; default: their
+  document counts); source k shuffles and holds out with seed + k."""
+  docs = _as_list(docs)
+  weights = weights or mixture_weights(docs)
+  parts = {}
+  for k, d in enumerate(docs):
+    if len(d) < process_count:
+      raise ValueError(f'{d.name!r}: {len(d)} documents are too few to give each of '
+                       f'{process_count} processes one')
+    ds = grain.MapDataset.range(len(d)).shuffle(seed + k).repeat()  # A new order every epoch.
+    ds = ds[process_index::process_count]
+    ds = ds.map(_ReadTokens(d, tokenizer, seed=seed + k, eval_fraction=eval_fraction))
+    parts[d.name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                         prefetch_buffer_size=4 * read_threads))
+  if len(parts) == 1:
+    ds = next(iter(parts.values()))
+  else:  # Keyed by source, so a run resumed with other weights keeps each source's position.
+    ds = grain.IterDataset.mix(parts, weights=dict(zip(parts, weights)))
   ds = ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len + 1})
   ds = ds.map(_to_row).batch(batch_size, drop_remainder=True)
   if worker_count > 0:
@@ -282,38 +329,51 @@ def held_out_order(n: int, *, seed: int, eval_fraction: float) -> np.ndarray:
   return held[np.argsort(keys, kind='stable')]
 
 
-def eval_stream(docs: Documents, tokenizer, *, seed: int, eval_fraction: float,
-                max_tokens: int = 0) -> tuple[pipeline.TokenStream, int]:
+def eval_stream(docs: Documents | list[Documents], tokenizer, *, seed: int, eval_fraction: float,
+                max_tokens: int = 0,
+                weights: list[float] | None = None) -> tuple[pipeline.TokenStream, int]:
   """The held-out documents in `held_out_order`, tokenized as training tokenizes them, stopping
-  once the stream has `max_tokens` tokens (0: all of them); and how many documents it holds."""
+  once the stream has `max_tokens` tokens (0: all of them); and how many documents it holds. Of
+  several sources, each gives its weight's share of max_tokens, one after the other."""
+  docs = _as_list(docs)
+  weights = weights or mixture_weights(docs)
   encoded, total = [], 0
-  for i in held_out_order(len(docs), seed=seed, eval_fraction=eval_fraction):
-    if max_tokens and total >= max_tokens:
-      break
-    text = docs[i]
-    if text.strip():
-      encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
-      total += len(encoded[-1])
+  for k, (d, w) in enumerate(zip(docs, weights)):
+    budget = int(np.ceil(max_tokens * w)) if max_tokens else 0
+    mine = 0
+    for i in held_out_order(len(d), seed=seed + k, eval_fraction=eval_fraction):
+      if budget and mine >= budget:
+        break
+      text = d[i]
+      if text.strip():
+        encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
+        mine += len(encoded[-1])
+    total += mine
   tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, count=total)
   doc_ids = np.repeat(np.arange(len(encoded), dtype=np.int32), [len(ids) for ids in encoded])
   return pipeline.TokenStream(tokens, doc_ids), len(encoded)
 
 
-def tokenizer_sample(docs: Documents, *, seed: int, eval_fraction: float,
-                     max_chars: int) -> list[str]:
+def tokenizer_sample(docs: Documents | list[Documents], *, seed: int, eval_fraction: float,
+                     max_chars: int, weights: list[float] | None = None) -> list[str]:
   """Training documents drawn at random (seeded, without replacement) until they hold
-  `max_chars` characters: what a new tokenizer is trained on without reading the corpus."""
-  order = grain.MapDataset.range(len(docs)).shuffle(seed)
-  sample, chars = [], 0
-  for i in order:
-    if eval_fraction and held_out([i], seed=seed, eval_fraction=eval_fraction)[0]:
-      continue
-    text = docs[i]
-    if text.strip():
-      sample.append(text)
-      chars += len(text)
-    if chars >= max_chars:
-      break
+  `max_chars` characters, each source its weight's share: what a new tokenizer is trained on
+  without reading the corpus."""
+  docs = _as_list(docs)
+  weights = weights or mixture_weights(docs)
+  sample = []
+  for k, (d, w) in enumerate(zip(docs, weights)):
+    chars = 0
+    for i in grain.MapDataset.range(len(d)).shuffle(seed + k):
+      if chars >= max_chars * w:
+        break
+      if eval_fraction and held_out([i], seed=seed + k, eval_fraction=eval_fraction)[0]:
+        continue
+      text = d[i]
+      if text.strip():
+        sample.append(text)
+        chars += len(text)
   if not sample:
-    raise ValueError(f'data source {docs.name!r} is empty: it has no non-whitespace text')
+    names = '+'.join(d.name for d in docs)
+    raise ValueError(f'data source {names!r} is empty: it has no non-whitespace text')
   return sample

@@ -39,10 +39,11 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
   batch_size = batch_size or config.train.batch_size
   if config.data.get('streaming'):
     # The held-out documents as the streamed run drew them; only as many as max_batches needs.
-    docs = streaming.open_documents(config.data.source, text_key=config.data.text_key)
+    docs = streaming.open_sources(config.data.source, text_key=config.data.text_key)
     stream, n_docs = streaming.eval_stream(
         docs, tokenizer, seed=config.seed, eval_fraction=config.data.eval_fraction,
-        max_tokens=max_batches * batch_size * config.data.seq_len + 1 if max_batches else 0)
+        max_tokens=max_batches * batch_size * config.data.seq_len + 1 if max_batches else 0,
+        weights=streaming.mixture_weights(docs, config.data.get('mixture_weights', '')))
   else:
     corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
                                  max_chars=config.data.max_chars)

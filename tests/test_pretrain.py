@@ -83,15 +83,17 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
 
 
 def test_streamed_pretraining_resumes_exactly_and_evaluates_its_held_out_documents(tmp_path):
-  """data.streaming: a JSONL corpus read as training reaches it (data/streaming.py); the loss
-  falls, a run stopped and resumed logs exactly the uninterrupted run's metrics (the grain
-  iterator's position comes back from the checkpoint), and eval.perplexity finds the documents
-  the run held out (its loss equals the trainer's last eval)."""
+  """data.streaming: a mixture of a JSONL and a text corpus read as training reaches them
+  (data/streaming.py); the loss falls, a run stopped and resumed logs exactly the uninterrupted
+  run's metrics (the grain iterator's position comes back from the checkpoint), and
+  eval.perplexity finds the documents the run held out (its loss equals the trainer's last
+  eval)."""
   from data import sources
-  corpus = tmp_path / 'corpus.jsonl'
-  corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in sources.load_corpus('kjv').docs))
-  keys = {'data.streaming': True, 'data.source': str(corpus), 'data.max_chars': 1000,
-          'train.steps': 24, 'train.log_every': 1, 'train.eval_every': 12,
+  kjv = sources.load_corpus('kjv').docs
+  (tmp_path / 'a.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in kjv[:600]))
+  (tmp_path / 'b.txt').write_text('\n\n'.join(kjv[600:]))
+  keys = {'data.streaming': True, 'data.source': f'{tmp_path / "a.jsonl"}+{tmp_path / "b.txt"}',
+          'data.mixture_weights': '0.3,0.7', 'data.max_chars': 1000, 'train.steps': 24, 'train.log_every': 1, 'train.eval_every': 12,
           'train.checkpoint_every': 4}
   straight = pretrain.run(tiny_config(**keys), str(tmp_path / 'straight'))
   assert straight.completed
@@ -110,6 +112,8 @@ def test_streamed_pretraining_resumes_exactly_and_evaluates_its_held_out_documen
   assert result['eval_loss'] == pytest.approx(records[-1]['eval_loss'], rel=1e-4)
   # Every held-out document, and data.max_chars (1,000 here) does not cut a streamed corpus.
   assert evaluate_perplexity(str(tmp_path / 'straight'))['tokens'] > 20 * result['tokens'] > 10000
+  with pytest.raises(ValueError, match="data.mixture_weights='0.3,0.7' needs data.streaming=True"):
+    pretrain.run(tiny_config(**{**keys, 'data.streaming': False}), str(tmp_path / 'in_memory'))
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, repo_root):

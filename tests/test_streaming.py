@@ -20,10 +20,12 @@ class NumberTokenizer:
     return [int(w) for w in text.split()] + ([EOS] if eos else [])
 
 
-def number_docs(n, seed=0):
-  """Document i holds tokens that name it: 1000 * (i + 1) + 0, 1, 2, ... (3 to 40 of them)."""
+def number_docs(n, seed=0, first=0):
+  """Document i holds tokens that name it: 1000 * (i + 1) + 0, 1, 2, ... (3 to 40 of them);
+  `first` numbers them from there instead of 0."""
   lengths = np.random.default_rng(seed).integers(3, 40, size=n)
-  return [' '.join(str(1000 * (i + 1) + j) for j in range(k)) for i, k in enumerate(lengths)]
+  return [' '.join(str(1000 * (i + 1) + j) for j in range(k))
+          for i, k in enumerate(lengths, start=first)]
 
 
 class CountingList(list):
@@ -233,3 +235,52 @@ def test_worker_processes_read_a_jsonl_corpus_and_resume(tmp_path):
   resumed.set_state(state)
   for a, b in zip(want, [next(resumed) for _ in range(4)]):
     np.testing.assert_array_equal(a['inputs'], b['inputs'])
+
+
+# Mixtures.
+
+
+def test_sources_mix_by_weight_each_with_its_own_held_out_split():
+  a, b = number_docs(300), number_docs(100, seed=1, first=10_000)
+  docs = [streaming.Documents('a', [a]), streaming.Documents('b', [b])]
+  kw = dict(seq_len=16, batch_size=2, seed=0, eval_fraction=0.2)
+  it = streaming.make_train_iterator(docs, NumberTokenizer(), weights=[0.8, 0.2], **kw)
+  read = documents_in(stream_of([next(it) for _ in range(150)]))
+  from_b = [i - 10_000 for i, _ in read if i >= 10_000]
+  assert len(read) > 200 and abs(len(from_b) / len(read) - 0.2) < 0.06  # Not 100 / 400.
+  held_b = streaming.held_out(np.arange(100), seed=1, eval_fraction=0.2)  # Source 1: seed + 1.
+  assert not held_b[from_b].any()
+  for i, tokens in read:
+    assert tokens == NumberTokenizer().encode((a + [''] * 9700 + b)[i])
+
+  state = it.get_state()
+  want = [next(it) for _ in range(10)]
+  again = streaming.make_train_iterator(docs, NumberTokenizer(), weights=[0.8, 0.2], **kw)
+  again.set_state(state)
+  for x, y in zip(want, [next(again) for _ in range(10)]):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+
+  stream, n = streaming.eval_stream(docs, NumberTokenizer(), seed=0, eval_fraction=0.2,
+                                    max_tokens=400, weights=[0.5, 0.5])
+  tokens = stream.tokens[stream.tokens != EOS]
+  share_b = (tokens >= 10_000_000).mean()
+  assert len(stream.tokens) >= 400 and 0.4 < share_b < 0.6
+
+
+def test_mixture_weights_and_sources_are_checked(tmp_path):
+  docs = [streaming.Documents('a', [['x'] * 30]), streaming.Documents('b', [['y'] * 10])]
+  assert streaming.mixture_weights(docs) == [0.75, 0.25]  # By document count.
+  assert streaming.mixture_weights(docs, '3,1') == [0.75, 0.25]
+  with pytest.raises(ValueError, match=r"gives 3 weights for 2 sources \(a, b\)"):
+    streaming.mixture_weights(docs, '1,1,1')
+  with pytest.raises(ValueError, match='every weight must be positive'):
+    streaming.mixture_weights(docs, '1,0')
+  with pytest.raises(ValueError, match='not a comma-separated list of numbers'):
+    streaming.mixture_weights(docs, '0.5;0.5')
+  with pytest.raises(ValueError, match='must be distinct'):
+    streaming.open_sources('kjv+kjv')
+  (tmp_path / 'a.jsonl').write_text('{"text": "from a"}\n')
+  (tmp_path / 'b+c.jsonl').write_text('{"text": "from b+c"}\n')
+  both = f'{tmp_path / "a.jsonl"}+{tmp_path / "b+c.jsonl"}'
+  assert [d[0] for d in streaming.open_sources(both)] == ['from a', 'from b+c']
+  assert sources.load_corpus(both).docs == ['from a', 'from b+c']  # In memory: one after the other.

@@ -36,6 +36,10 @@ class PretrainData:
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PretrainData:
   """The in-memory path: the whole corpus read, split and tokenized before step 1."""
+  if config.data.mixture_weights:
+    raise ValueError(f'data.mixture_weights={config.data.mixture_weights!r} needs '
+                     'data.streaming=True (without it, sources joined by "+" are read one after '
+                     'the other and mixed in proportion to their sizes)')
   corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
                                max_chars=config.data.max_chars)
   print(f'Corpus {corpus.name!r}: {len(corpus.docs)} documents, '
@@ -55,10 +59,12 @@ def streamed_data(config: ml_collections.ConfigDict, workdir: str):
     print(f'data.max_chars={config.data.max_chars} bounds what the in-memory path reads and '
           'tokenizes before step 1; a streamed corpus is read as training reaches it, so it is '
           'not applied.')
-  docs = streaming.open_documents(config.data.source, text_key=config.data.text_key)
-  print(f'Corpus {docs.name!r}: {len(docs):,} documents, streamed (read and tokenized as '
-        'training reaches them)')
-  split = dict(seed=config.seed, eval_fraction=config.data.eval_fraction)
+  docs = streaming.open_sources(config.data.source, text_key=config.data.text_key)
+  weights = streaming.mixture_weights(docs, config.data.mixture_weights)
+  for d, w in zip(docs, weights):
+    print(f'Corpus {d.name!r}: {len(d):,} documents, streamed (read and tokenized as training '
+          'reaches them)' + (f', {w:.1%} of the documents drawn' if len(docs) > 1 else ''))
+  split = dict(seed=config.seed, eval_fraction=config.data.eval_fraction, weights=weights)
   tokenizer = common.tokenizer_for(config, workdir, lambda: streaming.tokenizer_sample(
       docs, **split, max_chars=config.tokenizer.train_chars))
   per_process = common.per_process_batch(config)

@@ -11,7 +11,9 @@ attention and the loss need to keep documents apart. A batch is a dict of [B, L]
   loss_mask        float32  1 where the target is in the same document as the input, else 0
 
 The training iterator is a grain dataset whose state (`get_state`/`set_state`, or orbax through
-`grain.checkpoint.CheckpointSave`) resumes the batch sequence exactly.
+`grain.checkpoint.CheckpointSave`) resumes the batch sequence exactly. All of this holds the
+corpus in memory; data/streaming.py (`data.streaming=True`) builds the same batches from
+documents read as training reaches them, for corpora larger than that.
 """
 import dataclasses
 import itertools

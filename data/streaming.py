@@ -37,7 +37,6 @@ take turns) packs its own documents, so the rows of a global batch depend on how
 import bisect
 import json
 import mmap
-import os
 import pathlib
 
 import grain

@@ -86,7 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-4  # Peak learning rate of AdamW.
   c.optimizer.warmup_steps = 100  # Linear warmup from 0 to the peak.
-  c.optimizer.min_lr_ratio = 0.1  # Cosine decay ends at peak * this at train.steps.
+  # After warmup: 'cosine' or 'linear' decay to peak * min_lr_ratio at train.steps, or 'wsd'
+  # (warmup-stable-decay): the peak until the last decay_fraction of the steps, then decay_shape.
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.decay_fraction = 0.2  # wsd: the share of train.steps spent decaying.
+  c.optimizer.decay_shape = '1-sqrt'  # wsd: 'linear' or '1-sqrt' (Hägele et al., 2024).
+  c.optimizer.min_lr_ratio = 0.1  # The decay ends at peak * this at train.steps.
   c.optimizer.weight_decay = 0.1  # Decoupled weight decay, on matrices only (not norms).
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95

@@ -1,6 +1,7 @@
 """Pretraining end to end on the built-in corpus: the loss falls, perplexity drops far below the
 untrained model's, a resumed run reproduces the uninterrupted one, and SIGTERM saves a checkpoint."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -149,3 +150,50 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   for a, b in zip(one, two):
     assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
     assert b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-4)
+
+
+@pytest.mark.parametrize('kind,want', [
+    # Steps 0, 5, 10 (warmup ends), 50, 80 (wsd's decay starts: 20% of 100), 90, 100, 120.
+    ('cosine', [0, 0.5, 1, 0.1 + 0.9 * (1 + math.cos(math.pi * 40 / 90)) / 2, None, None, 0.1, 0.1]),
+    ('linear', [0, 0.5, 1, 0.6, 0.3, 0.2, 0.1, 0.1]),
+    ('wsd', [0, 0.5, 1, 1, 1, 0.1 + 0.9 * (1 - math.sqrt(0.5)), 0.1, 0.1]),
+])
+def test_learning_rate_schedules_by_hand(kind, want):
+  from trainers import loop
+  c = tiny_config(**{'train.steps': 100, 'optimizer.warmup_steps': 10,
+                     'optimizer.learning_rate': 1.0, 'optimizer.min_lr_ratio': 0.1,
+                     'optimizer.schedule': kind})
+  f = loop.learning_rate_schedule(c)
+  for step, lr in zip((0, 5, 10, 50, 80, 90, 100, 120), want):
+    if lr is not None:
+      assert float(f(step)) == pytest.approx(lr, abs=1e-6), (kind, step)
+  if kind == 'wsd':
+    c = tiny_config(**{'train.steps': 100, 'optimizer.warmup_steps': 10,
+                       'optimizer.learning_rate': 1.0, 'optimizer.min_lr_ratio': 0.1,
+                       'optimizer.schedule': 'wsd', 'optimizer.decay_shape': 'linear'})
+    assert float(loop.learning_rate_schedule(c)(90)) == pytest.approx(0.55)
+  for key, value, problem in [('optimizer.schedule', 'step', "optimizer.schedule='step'"),
+                              ('optimizer.decay_fraction', 0.0, 'decay_fraction=0.0'),
+                              ('optimizer.decay_shape', 'cos', "decay_shape='cos'")]:
+    bad = tiny_config(**{'optimizer.schedule': 'wsd', key: value})
+    with pytest.raises(ValueError, match=problem):
+      loop.learning_rate_schedule(bad)
+
+
+def test_a_wsd_run_stopped_before_its_decay_extends_to_more_steps(tmp_path):
+  """Warmup-stable-decay's point: a run stopped in its stable phase, resumed with a larger
+  train.steps, logs exactly what a run given those steps from the start logs (a cosine run
+  cannot: its learning rate at every step depends on train.steps)."""
+  keys = {'optimizer.schedule': 'wsd', 'optimizer.warmup_steps': 4, 'train.log_every': 1,
+          'train.eval_every': 0, 'train.checkpoint_every': 4}
+  pretrain.run(tiny_config(**keys, **{'train.steps': 24}), str(tmp_path / 'long'))
+  short = tiny_config(**keys, **{'train.steps': 16, 'train.stop_after': 8})  # Decays from 13.
+  assert not pretrain.run(short, str(tmp_path / 'extended')).completed
+  assert pretrain.run(tiny_config(**keys, **{'train.steps': 24}),
+                      str(tmp_path / 'extended')).completed
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  long, extended = strip(read_metrics(tmp_path / 'long')), strip(read_metrics(tmp_path / 'extended'))
+  assert [r['step'] for r in extended] == list(range(1, 25))
+  assert extended == long
+  assert [r['lr'] for r in long[4:19]] == [long[4]['lr']] * 15  # The stable phase ...
+  assert long[-1]['lr'] < 0.2 * long[4]['lr']  # ... then the decay.

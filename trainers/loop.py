@@ -34,13 +34,46 @@ from trainers.metrics import MetricsWriter
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
 
+SCHEDULES = ('cosine', 'linear', 'wsd')
+DECAY_SHAPES = ('linear', '1-sqrt')
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to the peak, then cosine decay to peak * min_lr_ratio at train.steps."""
+  """Linear warmup from 0 to the peak over optimizer.warmup_steps, then to peak * min_lr_ratio at
+  train.steps: a cosine or a straight line (`optimizer.schedule`), or 'wsd' (warmup-stable-
+  decay, as MiniCPM, Hu et al., 2024, and SmolLM2 trained): the peak until the last
+  optimizer.decay_fraction of the steps, then a linear or 1-sqrt decay (Hägele et al., 2024,
+  "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"). A wsd run
+  stopped before its decay can be resumed with a larger train.steps and has trained exactly as
+  a run given those steps from the start (tested)."""
   o, steps = config.optimizer, config.train.steps
   warmup = min(o.warmup_steps, max(steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
-      decay_steps=max(steps, warmup + 1), end_value=o.learning_rate * o.min_lr_ratio)
+  peak, end = o.learning_rate, o.learning_rate * o.min_lr_ratio
+  kind = o.get('schedule', 'cosine')
+  if kind not in SCHEDULES:
+    raise ValueError(f'optimizer.schedule={kind!r} is not one of {", ".join(SCHEDULES)}')
+  if kind == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=end)
+  warm = optax.linear_schedule(0.0, peak, warmup)
+  if kind == 'linear':
+    return optax.join_schedules([warm, optax.linear_schedule(peak, end, max(steps - warmup, 1))],
+                                [warmup])
+  if not 0 < o.decay_fraction <= 1:
+    raise ValueError(f'optimizer.decay_fraction={o.decay_fraction} is not in (0, 1]')
+  if o.decay_shape not in DECAY_SHAPES:
+    raise ValueError(f'optimizer.decay_shape={o.decay_shape!r} is not one of '
+                     f'{", ".join(DECAY_SHAPES)}')
+  decay_start = max(steps - round(o.decay_fraction * steps), warmup)
+  n_decay = max(steps - decay_start, 1)
+
+  def decay(count):
+    done = jnp.clip(count / n_decay, 0.0, 1.0)
+    return end + (peak - end) * (1.0 - (done if o.decay_shape == 'linear' else jnp.sqrt(done)))
+
+  return optax.join_schedules([warm, optax.constant_schedule(peak), decay],
+                              [warmup, decay_start])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -24,7 +24,8 @@ a pretraining corpus of tens of gigabytes. This one starts in seconds and holds 
 - Mixtures: `open_sources('a+b+c')` opens each source; the iterator mixes them document by
   document by `mixture_weights` (grain's `IterDataset.mix`, keyed by source, so each source's
   position resumes), each with its own shuffle and held-out split (seed + k for source k), and
-  the eval stream takes each source's share of the held-out tokens.
+  `eval_sets` gives each source its weight's share of the eval batches, by name, so the loop
+  reports eval_loss_<source> beside the pooled eval_loss.
 
 Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
 holds seq_len + 1 tokens of the stream and the next row starts after them (the in-memory rows
@@ -38,6 +39,7 @@ import bisect
 import json
 import mmap
 import pathlib
+import re
 
 import grain
 import numpy as np
@@ -351,6 +353,52 @@ def eval_stream(docs: Documents | list[Documents], tokenizer, *, seed: int, eval
   tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, count=total)
   doc_ids = np.repeat(np.arange(len(encoded), dtype=np.int32), [len(ids) for ids in encoded])
   return pipeline.TokenStream(tokens, doc_ids), len(encoded)
+
+
+def source_labels(docs: list[Documents]) -> list[str]:
+  """Short, metric-safe names of the sources ('web' for data/web.jsonl, 'c4_en' for tfds:c4/en),
+  numbered where two would be the same: the suffixes of their per-source eval metrics."""
+  labels = []
+  for d in docs:
+    base = d.name[len('tfds:'):] if d.name.startswith('tfds:') else pathlib.Path(d.name).name
+    for suffix in sources._FILE_SUFFIXES:
+      base = base.removesuffix(suffix)
+    labels.append(re.sub(r'[^A-Za-z0-9]+', '_', base).strip('_') or 'source')
+  return [f'{label}_{k}' if labels.count(label) > 1 else label for k, label in enumerate(labels)]
+
+
+def eval_sets(docs: Documents | list[Documents], tokenizer, *, seed: int, eval_fraction: float,
+              seq_len: int, batch_size: int, max_batches: int, weights: list[float] | None = None,
+              process_index: int = 0,
+              process_count: int = 1) -> tuple[list[dict] | dict[str, list[dict]], int]:
+  """The eval batches (this process's `batch_size` rows of each global batch) and how many
+  held-out documents they come from. One source: a list of at most `max_batches` batches (0:
+  every held-out document). Several: {source label: its batches}, `max_batches` shared by
+  weight with at least one batch each, so the trainer and eval.perplexity report each source's
+  loss beside the mixture's."""
+  docs = _as_list(docs)
+  weights = weights or mixture_weights(docs)
+  labels = source_labels(docs) if len(docs) > 1 else ['']
+  sets, n_docs = {}, 0
+  for k, (d, w, label) in enumerate(zip(docs, weights, labels)):
+    n = max(1, round(max_batches * w)) if max_batches else 0
+    global_batch = batch_size * process_count
+    stream, held = eval_stream(d, tokenizer, seed=seed + k, eval_fraction=eval_fraction,
+                               max_tokens=n * global_batch * seq_len + 1 if n else 0)
+    if not held:
+      continue
+    rows = max(len(stream.tokens) - 1, 0) // seq_len
+    if rows < global_batch:
+      raise ValueError(f'data source {d.name!r}: its held-out documents fill {rows} rows of '
+                       f'seq_len={seq_len}, fewer than one eval batch of {global_batch}; raise '
+                       'data.eval_fraction')
+    sets[label] = pipeline.make_eval_batches(
+        stream, seq_len=seq_len, batch_size=batch_size, max_batches=n or rows // global_batch,
+        process_index=process_index, process_count=process_count)
+    n_docs += held
+  if len(docs) == 1:
+    return sets.get('', []), n_docs
+  return sets, n_docs
 
 
 def tokenizer_sample(docs: Documents | list[Documents], *, seed: int, eval_fraction: float,

@@ -38,11 +38,12 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
   tokenizer = load_tokenizer(workdir)
   batch_size = batch_size or config.train.batch_size
   if config.data.get('streaming'):
-    # The held-out documents as the streamed run drew them; only as many as max_batches needs.
+    # The held-out documents as the streamed run drew them; only as many as max_batches needs,
+    # by source for a mixture (as the trainer's eval_loss_<source>).
     docs = streaming.open_sources(config.data.source, text_key=config.data.text_key)
-    stream, n_docs = streaming.eval_stream(
+    sets, n_docs = streaming.eval_sets(
         docs, tokenizer, seed=config.seed, eval_fraction=config.data.eval_fraction,
-        max_tokens=max_batches * batch_size * config.data.seq_len + 1 if max_batches else 0,
+        seq_len=config.data.seq_len, batch_size=batch_size, max_batches=max_batches,
         weights=streaming.mixture_weights(docs, config.data.get('mixture_weights', '')))
   else:
     corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
@@ -50,12 +51,14 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
     _, eval_docs = pipeline.split_documents(
         corpus.docs, eval_fraction=config.data.eval_fraction, seed=config.seed)
     stream, n_docs = pipeline.tokenize_documents(tokenizer, eval_docs), len(eval_docs)
+    if n_docs:
+      rows = (len(stream.tokens) - 1) // config.data.seq_len
+      sets = pipeline.make_eval_batches(
+          stream, seq_len=config.data.seq_len, batch_size=batch_size,
+          max_batches=max_batches or max(rows // batch_size, 1))
   if not n_docs:
     raise ValueError(f'{workdir}: the run held out no documents (data.eval_fraction='
                      f'{config.data.eval_fraction})')
-  rows = (len(stream.tokens) - 1) // config.data.seq_len
-  batches = pipeline.make_eval_batches(stream, seq_len=config.data.seq_len, batch_size=batch_size,
-                                       max_batches=max_batches or max(rows // batch_size, 1))
   model, step = checkpoint.load_model(workdir, dtype=dtype)
 
   @nnx.jit
@@ -63,13 +66,25 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
     logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
     return token_cross_entropy(logits, batch['targets'], batch['loss_mask'])
 
-  totals = np.zeros(3)
-  for batch in batches:
-    totals += np.array(jax.device_get(batch_loss(model, batch)))
+  def measure(batches, suffix=''):
+    totals = np.zeros(3)
+    for batch in batches:
+      totals += np.array(jax.device_get(batch_loss(model, batch)))
+    loss = float(totals[0] / totals[1])
+    return totals, {f'eval_loss{suffix}': loss, f'perplexity{suffix}': float(np.exp(loss)),
+                    f'accuracy{suffix}': float(totals[2] / totals[1]),
+                    f'tokens{suffix}': int(totals[1])}
+
+  each, totals = {}, np.zeros(3)
+  for name, batches in (sets.items() if isinstance(sets, dict) else [('', sets)]):
+    mine, metrics = measure(batches, f'_{name}' if name else '')
+    totals += mine
+    if name:
+      each.update(metrics)
   loss = float(totals[0] / totals[1])
   result = {'workdir': workdir, 'step': int(step), 'dtype': model.cfg.dtype, 'eval_loss': loss,
             'perplexity': float(np.exp(loss)), 'accuracy': float(totals[2] / totals[1]),
-            'tokens': int(totals[1]), 'documents': n_docs}
+            'tokens': int(totals[1]), 'documents': n_docs, **each}
   with open(os.path.join(workdir, 'eval_perplexity.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result

@@ -110,7 +110,12 @@ def test_streamed_pretraining_resumes_exactly_and_evaluates_its_held_out_documen
   result = evaluate_perplexity(str(tmp_path / 'straight'),
                                max_batches=config.train.eval_batches)
   assert result['step'] == 24 and result['documents'] >= 1
-  assert result['eval_loss'] == pytest.approx(records[-1]['eval_loss'], rel=1e-4)
+  for key in ('eval_loss', 'eval_loss_a', 'eval_loss_b'):  # Pooled, and each source's.
+    assert result[key] == pytest.approx(records[-1][key], rel=1e-4), key
+  last = records[-1]
+  assert min(last['eval_loss_a'], last['eval_loss_b']) <= last['eval_loss'] <= max(
+      last['eval_loss_a'], last['eval_loss_b'])
+  assert 'eval_perplexity_b' in last and result['tokens_a'] + result['tokens_b'] == result['tokens']
   # Every held-out document, and data.max_chars (1,000 here) does not cut a streamed corpus.
   assert evaluate_perplexity(str(tmp_path / 'straight'))['tokens'] > 20 * result['tokens'] > 10000
   with pytest.raises(ValueError, match="data.mixture_weights='0.3,0.7' needs data.streaming=True"):

@@ -206,8 +206,8 @@ def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
-          train_iter: Iterator[dict], eval_batches: list[dict] | None, *, mesh, rules,
-          trainable: Any = nnx.Param, extra_meta: dict | None = None,
+          train_iter: Iterator[dict], eval_batches: list[dict] | dict[str, list[dict]] | None,
+          *, mesh, rules, trainable: Any = nnx.Param, extra_meta: dict | None = None,
           token_loss: bool = True, eval_at_start: bool = False) -> Result:
   """Trains `model` in place of its `trainable` variables for config.train.steps steps.
 
@@ -249,17 +249,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
     eval_step = jax.jit(eval_step)
   sharding = batch_sharding(mesh, rules)
 
-  def evaluate(params) -> dict:
-    totals = None
-    with jax.set_mesh(mesh):
-      for batch in eval_batches:
-        out = eval_step(params, to_global_batch(batch, sharding))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  def summarize(totals, suffix=''):
     loss_sum, weight, metric_sums = jax.device_get(totals)
     loss = float(loss_sum / weight)
-    perplexity = {'eval_perplexity': float(np.exp(min(loss, 50.0)))} if token_loss else {}
-    return {'eval_loss': loss, **perplexity,
-            **{f'eval_{k}': float(v) for k, v in metric_means(metric_sums, weight).items()}}
+    perplexity = ({f'eval_perplexity{suffix}': float(np.exp(min(loss, 50.0)))}
+                  if token_loss else {})
+    return {f'eval_loss{suffix}': loss, **perplexity,
+            **{f'eval_{k}{suffix}': float(v)
+               for k, v in metric_means(metric_sums, weight).items()}}
+
+  def evaluate(params) -> dict:
+    """The held-out metrics; for eval sets by name ({name: batches}, a pretraining mixture's
+    sources) each set's as eval_loss_<name>, ... beside the pooled ones."""
+    sets = eval_batches if isinstance(eval_batches, dict) else {'': eval_batches}
+    totals, each = None, {}
+    with jax.set_mesh(mesh):
+      for name, batches in sets.items():
+        mine = None
+        for batch in batches:
+          out = eval_step(params, to_global_batch(batch, sharding))
+          mine = out if mine is None else jax.tree.map(jnp.add, mine, out)
+        if name:
+          each.update(summarize(mine, f'_{name}'))
+        totals = mine if totals is None else jax.tree.map(jnp.add, totals, mine)
+    return {**summarize(totals), **each}
 
   writer = MetricsWriter(workdir, start_step=start, total_steps=t.steps)
   meta = {'seed': config.seed, **(extra_meta or {})}  # The step RNG is fold_in(key(seed), step).

@@ -72,34 +72,38 @@ def streamed_data(config: ml_collections.ConfigDict, workdir: str):
       docs, tokenizer, seq_len=config.data.seq_len, batch_size=per_process, **split,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=config.data.worker_count)
-  rows = per_process * jax.process_count() * config.train.eval_batches
-  eval_tokens, n_eval = streaming.eval_stream(docs, tokenizer, **split,
-                                              max_tokens=rows * config.data.seq_len + 1)
-  print(f'Held out: {n_eval} documents for the eval batches ({len(eval_tokens.tokens):,} tokens), '
-        'drawn from across the corpus.')
-  return tokenizer, train_iter, eval_tokens
+  eval_batches, n_eval = None, 0
+  if config.train.eval_batches:
+    eval_batches, n_eval = streaming.eval_sets(
+        docs, tokenizer, **split, seq_len=config.data.seq_len, batch_size=per_process,
+        max_batches=config.train.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    print(f'Held out: {n_eval} documents for the eval batches, drawn from across the corpus'
+          + (f'; eval_loss_<source> for {", ".join(eval_batches)}'
+             if isinstance(eval_batches, dict) else '') + '.')
+  return tokenizer, train_iter, eval_batches or None
 
 
 @workdir_lib.stage('pretrain')  # One live run per workdir; see trainers/workdir.py.
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   per_process = common.per_process_batch(config)
   if config.data.streaming:
-    tokenizer, train_iter, eval_tokens = streamed_data(config, workdir)
+    tokenizer, train_iter, eval_batches = streamed_data(config, workdir)
   else:
     data = prepare_data(config, workdir)
-    tokenizer, eval_tokens = data.tokenizer, data.eval
+    tokenizer = data.tokenizer
     train_iter = pipeline.make_train_iterator(
         pipeline.PackedRows(data.train, config.data.seq_len), batch_size=per_process,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
         worker_count=config.data.worker_count)
+    eval_batches = None
+    if len(data.eval.tokens) and config.train.eval_batches:
+      eval_batches = pipeline.make_eval_batches(
+          data.eval, seq_len=config.data.seq_len, batch_size=per_process,
+          max_batches=config.train.eval_batches, process_index=jax.process_index(),
+          process_count=jax.process_count())
   model_cfg = common.model_config(config, tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
-  eval_batches = None
-  if len(eval_tokens.tokens) and config.train.eval_batches:
-    eval_batches = pipeline.make_eval_batches(
-        eval_tokens, seq_len=config.data.seq_len, batch_size=per_process,
-        max_batches=config.train.eval_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
   common.write_workdir(config, workdir, tokenizer, model_cfg)
   model = common.initial_model(config, workdir, model_cfg, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))

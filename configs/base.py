@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   # than memory; data/streaming.py) instead of tokenizing the whole corpus before step 1.
   c.data.streaming = False
   # With data.streaming and a data.source of several sources joined by '+': the share of
-  # documents drawn from each, in order ('0.7,0.3'; normalised). '' = their document counts.
+  # documents drawn from each, in order ('0.7,0.3', or '0.7:0.3' in a launch.sweep grid;
+  # normalised). '' = their document counts.
   c.data.mixture_weights = ''
 
   c.train = ml_collections.ConfigDict()

@@ -217,13 +217,14 @@ def open_sources(source: str, *, text_key: str = 'text') -> list[Documents]:
 
 
 def mixture_weights(docs: list[Documents], weights: str = '') -> list[float]:
-  """The share of documents drawn from each source: `weights` ('0.7,0.3', normalised), or in
-  proportion to the sources' document counts when it is ''."""
+  """The share of documents drawn from each source: `weights` ('0.7,0.3' or '0.7:0.3', the form
+  a launch.sweep grid can list; normalised), or in proportion to the sources' document counts
+  when it is ''."""
   if not weights:
     counts = [len(d) for d in docs]
     return [c / sum(counts) for c in counts]
   try:
-    values = [float(w) for w in weights.split(',')]
+    values = [float(w) for w in re.split('[,:]', weights)]
   except ValueError:
     raise ValueError(f'data.mixture_weights={weights!r} is not a comma-separated list of '
                      'numbers') from None

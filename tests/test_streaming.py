@@ -271,6 +271,7 @@ def test_mixture_weights_and_sources_are_checked(tmp_path):
   docs = [streaming.Documents('a', [['x'] * 30]), streaming.Documents('b', [['y'] * 10])]
   assert streaming.mixture_weights(docs) == [0.75, 0.25]  # By document count.
   assert streaming.mixture_weights(docs, '3,1') == [0.75, 0.25]
+  assert streaming.mixture_weights(docs, '3:1') == [0.75, 0.25]  # As a sweep grid lists it.
   with pytest.raises(ValueError, match=r"gives 3 weights for 2 sources \(a, b\)"):
     streaming.mixture_weights(docs, '1,1,1')
   with pytest.raises(ValueError, match='every weight must be positive'):

@@ -60,7 +60,7 @@ def matmul_params(cfg) -> int:
 
 
 def flops_per_token(cfg, seq: int) -> float:
-  return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq
+  return cfg.train_flops_per_token(seq)  # 6 * matmul_params + 12 L d T, as the trainers count.
 
 
 def _host_peak_bytes() -> int:

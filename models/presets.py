@@ -80,6 +80,30 @@ class LlamaConfig:
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.n_layers * per_layer + embed + d
 
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """Model FLOPs of one trained token (forward and backward), as MFU counts them (PaLM,
+    Chowdhery et al., 2022, appendix B): 6 per parameter that takes part in a matrix product
+    (all but an untied input embedding table, a lookup) plus 12 * layers * d_model * seq_len for
+    attention's scores and weighted sums."""
+    matmul = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
+    return 6.0 * matmul + 12.0 * self.n_layers * self.d_model * seq_len
+
+
+# bf16 dense matrix-unit peak FLOP/s per chip, from the vendors' datasheets, by the start of
+# jax's `device_kind`: what `mfu` in a training run's metrics is measured against.
+PEAK_FLOPS = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA B200': 2250e12,
+              'NVIDIA A100': 312e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+              'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+              'TPU v6e': 918e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The datasheet peak of a jax device_kind (None for CPUs and unknown devices)."""
+  for kind in sorted(PEAK_FLOPS, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'.
+    if device_kind.startswith(kind):
+      return PEAK_FLOPS[kind]
+  return None
+
 
 PRESETS = {
     'tiny': LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,

@@ -28,6 +28,14 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+TIMING_KEYS = ('tokens_per_s', 'tflops_per_device', 'mfu')  # Measured speeds: differ run to run.
+
+
+def without_timing(records):
+  """A run's metrics without its measured speeds, for comparing two runs exactly."""
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
 SERVE_PROMPTS = ['In the beginning', 'And God said', 'Let there be light', 'x', 'def f(a, b):',
                  'y = 1']
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from models import checkpoint
-from tests.helpers import read_metrics, tiny_config
+from tests.helpers import read_metrics, tiny_config, without_timing
 from trainers import metrics as metrics_lib
 from trainers import pretrain
 from trainers import workdir as workdir_lib
@@ -23,7 +23,7 @@ KEYS = {'train.steps': 12, 'train.log_every': 1, 'train.eval_every': 6,
 
 
 def _strip(records):
-  return [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in records]
+  return without_timing(records)
 
 
 @pytest.fixture(scope='module')

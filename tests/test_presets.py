@@ -28,6 +28,21 @@ def test_parameter_count_matches_published(name):
   assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 0.01, n
 
 
+def test_training_flops_and_datasheet_peaks():
+  cfg = presets.PRESETS['374m']
+  # DESIGN.md's figure for the GPU benchmark shape: 2.651 GFLOP per token at seq 2048.
+  assert cfg.train_flops_per_token(2048) == pytest.approx(2.651e9, rel=1e-3)
+  # Llama 3 8B at 8k: 6 x 7.50B matmul parameters (the 525M-parameter input table left out)
+  # plus attention.
+  big = presets.PRESETS['llama3_8b']
+  assert big.train_flops_per_token(8192) == pytest.approx(
+      6 * (big.num_params() - 128256 * 4096) + 12 * 32 * 4096 * 8192)
+  assert presets.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert presets.peak_flops('TPU v5 lite') == 197e12  # Not TPU v5p's 459.
+  assert presets.peak_flops('TPU v5p') == 459e12
+  assert presets.peak_flops('cpu') is None and presets.peak_flops('TPU v9') is None
+
+
 def test_bytes_per_device_on_a_mesh():
   """llama3_70b in fp32 on a (data=1, fsdp=4, tensor=2) mesh: every matrix is split 8 ways."""
   cfg, state = _abstract_state('llama3_70b')

@@ -13,7 +13,7 @@ import pytest
 
 from eval.perplexity import evaluate_perplexity
 from models import checkpoint, llama
-from tests.helpers import read_metrics, tiny_config
+from tests.helpers import read_metrics, tiny_config, without_timing
 from trainers import pretrain
 
 
@@ -35,9 +35,16 @@ def test_run_writes_the_workdir_contract(trained):
     assert json.load(f)['train']['steps'] == 40
   records = read_metrics(workdir)
   assert [r['step'] for r in records] == list(range(5, 41, 5))
-  for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s'):
+  for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'tflops_per_device'):
     assert all(key in r for r in records), key
   assert 'eval_loss' in records[-1]
+  # Model FLOPs: tokens/s x (6N + 12 L d T) per device; no MFU on a CPU (no datasheet peak).
+  import jax
+  fpt = checkpoint.load_model_config(workdir).train_flops_per_token(64)
+  for r in records[1:]:
+    assert r['tflops_per_device'] == pytest.approx(
+        r['tokens_per_s'] * fpt / jax.device_count() / 1e12, rel=1e-6)
+    assert 'mfu' not in r
 
 
 def test_loss_falls_and_perplexity_drops(trained, tmp_path):
@@ -77,7 +84,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
   second = pretrain.run(tiny_config(**keys), str(tmp_path / 'resumed'))
   assert second.completed
 
-  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  strip = without_timing
   straight, resumed = strip(read_metrics(tmp_path / 'straight')), strip(read_metrics(tmp_path / 'resumed'))
   assert [r['step'] for r in resumed] == list(range(1, 13))
   assert resumed == straight
@@ -101,7 +108,7 @@ def test_streamed_pretraining_resumes_exactly_and_evaluates_its_held_out_documen
   assert not pretrain.run(tiny_config(**keys, **{'train.stop_after': 10}),
                           str(tmp_path / 'resumed')).completed
   assert pretrain.run(tiny_config(**keys), str(tmp_path / 'resumed')).completed
-  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  strip = without_timing
   records = strip(read_metrics(tmp_path / 'straight'))
   assert strip(read_metrics(tmp_path / 'resumed')) == records
   assert records[-1]['loss'] < records[0]['loss'] - 1.0
@@ -196,7 +203,7 @@ def test_a_wsd_run_stopped_before_its_decay_extends_to_more_steps(tmp_path):
   assert not pretrain.run(short, str(tmp_path / 'extended')).completed
   assert pretrain.run(tiny_config(**keys, **{'train.steps': 24}),
                       str(tmp_path / 'extended')).completed
-  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  strip = without_timing
   long, extended = strip(read_metrics(tmp_path / 'long')), strip(read_metrics(tmp_path / 'extended'))
   assert [r['step'] for r in extended] == list(range(1, 25))
   assert extended == long

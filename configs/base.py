@@ -65,13 +65,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256  # Tokens per packed training row.
   c.data.eval_fraction = 0.02  # Fraction of documents held out for the eval loss.
   c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
-  # Pretraining only: read, tokenize and pack documents as training consumes them (corpora larger
-  # than memory; data/streaming.py) instead of tokenizing the whole corpus before step 1.
-  c.data.streaming = False
-  # With data.streaming and a data.source of several sources joined by '+': the share of
-  # documents drawn from each, in order ('0.7,0.3', or '0.7:0.3' in a launch.sweep grid;
-  # normalised). '' = their document counts.
-  c.data.mixture_weights = ''
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps.

@@ -304,3 +304,13 @@ def test_eval_sets_give_each_source_its_share_of_the_batches():
                                        r'seq_len=16, fewer than one eval batch of 2'):
     streaming.eval_sets([docs[0], tiny], NumberTokenizer(), max_batches=2, seed=0,
                         eval_fraction=0.5, seq_len=16, batch_size=2)
+
+
+def test_only_pretraining_has_the_streaming_keys():
+  """Other stages read their data into memory: the keys are not in their configs, so setting
+  them there is the CLI's unknown-key error instead of a silent no-op."""
+  from configs import dpo, grpo, pretrain, reward, sft
+  assert 'streaming' in pretrain.get_config('tiny').data
+  for module in (sft, dpo, reward, grpo):
+    c = module.get_config('tiny')
+    assert 'streaming' not in c.data and 'mixture_weights' not in c.data, module.__name__

@@ -24,8 +24,8 @@ a pretraining corpus of tens of gigabytes. This one starts in seconds and holds 
 - Mixtures: `open_sources('a+b+c')` opens each source; the iterator mixes them document by
   document by `mixture_weights` (grain's `IterDataset.mix`, keyed by source, so each source's
   position resumes), each with its own shuffle and held-out split (seed + k for source k), and
-  `eval_sets` gives each source its weight's share of the eval batches, by name, so the loop
-  reports eval_loss_<source> beside the pooled eval_loss.
+  `eval_sets` gives each source an equal share of the eval batches (the same ones whatever the
+  weights), by name, so the loop reports eval_loss_<source> beside the pooled eval_loss.
 
 Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
 holds seq_len + 1 tokens of the stream and the next row starts after them (the in-memory rows
@@ -370,20 +370,19 @@ def source_labels(docs: list[Documents]) -> list[str]:
 
 
 def eval_sets(docs: Documents | list[Documents], tokenizer, *, seed: int, eval_fraction: float,
-              seq_len: int, batch_size: int, max_batches: int, weights: list[float] | None = None,
-              process_index: int = 0,
+              seq_len: int, batch_size: int, max_batches: int, process_index: int = 0,
               process_count: int = 1) -> tuple[list[dict] | dict[str, list[dict]], int]:
   """The eval batches (this process's `batch_size` rows of each global batch) and how many
   held-out documents they come from. One source: a list of at most `max_batches` batches (0:
-  every held-out document). Several: {source label: its batches}, `max_batches` shared by
-  weight with at least one batch each, so the trainer and eval.perplexity report each source's
-  loss beside the mixture's."""
+  every held-out document). Several: {source label: its batches}, `max_batches` shared equally
+  (at least one each) whatever the mixture weights, so the trainer and eval.perplexity report
+  each source's loss beside the pooled one, and every point of a sweep over the weights is
+  measured on the same held-out batches."""
   docs = _as_list(docs)
-  weights = weights or mixture_weights(docs)
   labels = source_labels(docs) if len(docs) > 1 else ['']
   sets, n_docs = {}, 0
-  for k, (d, w, label) in enumerate(zip(docs, weights, labels)):
-    n = max(1, round(max_batches * w)) if max_batches else 0
+  for k, (d, label) in enumerate(zip(docs, labels)):
+    n = max(1, -(-max_batches // len(docs))) if max_batches else 0
     global_batch = batch_size * process_count
     stream, held = eval_stream(d, tokenizer, seed=seed + k, eval_fraction=eval_fraction,
                                max_tokens=n * global_batch * seq_len + 1 if n else 0)

@@ -43,8 +43,7 @@ def evaluate_perplexity(workdir: str, *, max_batches: int = 0, batch_size: int =
     docs = streaming.open_sources(config.data.source, text_key=config.data.text_key)
     sets, n_docs = streaming.eval_sets(
         docs, tokenizer, seed=config.seed, eval_fraction=config.data.eval_fraction,
-        seq_len=config.data.seq_len, batch_size=batch_size, max_batches=max_batches,
-        weights=streaming.mixture_weights(docs, config.data.get('mixture_weights', '')))
+        seq_len=config.data.seq_len, batch_size=batch_size, max_batches=max_batches)
   else:
     corpus = sources.load_corpus(config.data.source, text_key=config.data.text_key,
                                  max_chars=config.data.max_chars)

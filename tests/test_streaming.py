@@ -287,14 +287,14 @@ def test_mixture_weights_and_sources_are_checked(tmp_path):
   assert sources.load_corpus(both).docs == ['from a', 'from b+c']  # In memory: one after the other.
 
 
-def test_eval_sets_give_each_source_its_share_of_the_batches():
+def test_eval_sets_give_each_source_the_same_batches_whatever_the_weights():
   a, b = number_docs(600), number_docs(600, seed=1, first=10_000)
   docs = [streaming.Documents('data/web.jsonl', [a]), streaming.Documents('tfds:c4/en', [b])]
   assert streaming.source_labels(docs) == ['web', 'c4_en']
   assert streaming.source_labels([docs[0], docs[0]]) == ['web_0', 'web_1']
   kw = dict(seed=0, eval_fraction=0.2, seq_len=16, batch_size=2)
-  sets, n = streaming.eval_sets(docs, NumberTokenizer(), max_batches=5, weights=[0.9, 0.1], **kw)
-  assert list(sets) == ['web', 'c4_en'] and [len(v) for v in sets.values()] == [4, 1]
+  sets, n = streaming.eval_sets(docs, NumberTokenizer(), max_batches=5, **kw)
+  assert list(sets) == ['web', 'c4_en'] and [len(v) for v in sets.values()] == [3, 3]
   assert (sets['web'][0]['inputs'][sets['web'][0]['inputs'] != EOS] < 10_000_000).all()
   assert (sets['c4_en'][0]['inputs'][sets['c4_en'][0]['inputs'] != EOS] >= 10_000_000).all()
   one, _ = streaming.eval_sets(docs[0], NumberTokenizer(), max_batches=3, **kw)

@@ -75,7 +75,8 @@ def streamed_data(config: ml_collections.ConfigDict, workdir: str):
   eval_batches, n_eval = None, 0
   if config.train.eval_batches:
     eval_batches, n_eval = streaming.eval_sets(
-        docs, tokenizer, **split, seq_len=config.data.seq_len, batch_size=per_process,
+        docs, tokenizer, seed=config.seed, eval_fraction=config.data.eval_fraction,
+        seq_len=config.data.seq_len, batch_size=per_process,
         max_batches=config.train.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
     print(f'Held out: {n_eval} documents for the eval batches, drawn from across the corpus'

@@ -39,9 +39,9 @@ def get_config(arg: str = 'tiny'):
   # data/streaming.py) instead of tokenizing the whole corpus before step 1. Pretraining only:
   # the other stages' configs do not have the key, so setting it there is an error.
   c.data.streaming = False
-  # With data.streaming and a data.source of several sources joined by '+': the share of
-  # documents drawn from each, in order ('0.7,0.3', or '0.7:0.3' in a launch.sweep grid;
-  # normalised). '' = their document counts.
+  # With data.streaming and a data.source of several sources joined by '+': the share of the
+  # training tokens drawn from each, in order ('0.7,0.3', or '0.7:0.3' in a launch.sweep grid;
+  # normalised). '' = in proportion to the sources' sizes in bytes.
   c.data.mixture_weights = ''
   c.tokenizer.vocab_size = p['vocab']
   c.optimizer.learning_rate = p['lr']

@@ -21,11 +21,12 @@ a pretraining corpus of tens of gigabytes. This one starts in seconds and holds 
   as the in-memory iterator's does, so a resumed run reads exactly the batches it would have.
 - `eval_stream`: held-out documents in a seeded random order, only as many as the eval batches
   need, as the `TokenStream` that `pipeline.make_eval_batches` cuts.
-- Mixtures: `open_sources('a+b+c')` opens each source; the iterator mixes them document by
-  document by `mixture_weights` (grain's `IterDataset.mix`, keyed by source, so each source's
-  position resumes), each with its own shuffle and held-out split (seed + k for source k), and
-  `eval_sets` gives each source an equal share of the eval batches (the same ones whatever the
-  weights), by name, so the loop reports eval_loss_<source> beside the pooled eval_loss.
+- Mixtures: `open_sources('a+b+c')` opens each source; each packs its own rows and the
+  iterator mixes the rows, so the tokens, by `mixture_weights` (grain's `IterDataset.mix`, keyed
+  by source, so each source's position resumes), each with its own shuffle and held-out split
+  (seed + k for source k), and `eval_sets` gives each source an equal share of the eval batches
+  (the same ones whatever the weights), by name, so the loop reports eval_loss_<source> beside
+  the pooled eval_loss.
 
 Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
 holds seq_len + 1 tokens of the stream and the next row starts after them (the in-memory rows
@@ -216,13 +217,22 @@ def open_sources(source: str, *, text_key: str = 'text') -> list[Documents]:
   return [open_documents(name, text_key=text_key) for name in names]
 
 
+def _part_bytes(part) -> int:
+  """A part's size in bytes: its file's, or for one in memory (or a TFDS split) its first
+  hundred documents' mean times its count."""
+  if hasattr(part, 'path'):
+    return part.path.stat().st_size
+  sample = [part[i] for i in range(min(len(part), 100))]
+  return round(sum(len(t.encode()) for t in sample) / max(len(sample), 1) * len(part))
+
+
 def mixture_weights(docs: list[Documents], weights: str = '') -> list[float]:
-  """The share of documents drawn from each source: `weights` ('0.7,0.3' or '0.7:0.3', the form
-  a launch.sweep grid can list; normalised), or in proportion to the sources' document counts
-  when it is ''."""
+  """The share of the training tokens drawn from each source: `weights` ('0.7,0.3' or
+  '0.7:0.3', the form a launch.sweep grid can list; normalised), or in proportion to the
+  sources' sizes in bytes (as if they were read one after the other) when it is ''."""
   if not weights:
-    counts = [len(d) for d in docs]
-    return [c / sum(counts) for c in counts]
+    sizes = [sum(_part_bytes(p) for p in d._parts) for d in docs]
+    return [n / sum(sizes) for n in sizes]
   try:
     values = [float(w) for w in re.split('[,:]', weights)]
   except ValueError:
@@ -290,11 +300,12 @@ def make_train_iterator(docs: Documents | list[Documents], tokenizer, *, seq_len
                         weights: list[float] | None = None, process_index: int = 0,
                         process_count: int = 1, worker_count: int = 0, read_threads: int = 4):
   """An endless, checkpointable iterator over batches of `batch_size` packed rows (per process)
-  of the documents that are not held out; see the module docstring. Several sources are mixed
-  document by document in proportion to `weights` (grain's `IterDataset.mix`; default: their
-  document counts); source k shuffles and holds out with seed + k."""
+  of the documents that are not held out; see the module docstring. Several sources each pack
+  their own rows, mixed row by row (so token by token) in proportion to `weights` (grain's
+  `IterDataset.mix`; default: the sources' sizes in bytes); source k shuffles and holds out with
+  seed + k."""
   docs = _as_list(docs)
-  weights = weights or mixture_weights(docs)
+  weights = weights or (mixture_weights(docs) if len(docs) > 1 else [1.0])
   parts = {}
   for k, d in enumerate(docs):
     if len(d) < process_count:
@@ -303,13 +314,14 @@ def make_train_iterator(docs: Documents | list[Documents], tokenizer, *, seq_len
     ds = grain.MapDataset.range(len(d)).shuffle(seed + k).repeat()  # A new order every epoch.
     ds = ds[process_index::process_count]
     ds = ds.map(_ReadTokens(d, tokenizer, seed=seed + k, eval_fraction=eval_fraction))
-    parts[d.name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                         prefetch_buffer_size=4 * read_threads))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=4 * read_threads))
+    # Each source packs its own rows, so mixing rows mixes tokens by weight.
+    parts[d.name] = ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len + 1})
   if len(parts) == 1:
     ds = next(iter(parts.values()))
   else:  # Keyed by source, so a run resumed with other weights keeps each source's position.
     ds = grain.IterDataset.mix(parts, weights=dict(zip(parts, weights)))
-  ds = ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len + 1})
   ds = ds.map(_to_row).batch(batch_size, drop_remainder=True)
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -339,7 +351,7 @@ def eval_stream(docs: Documents | list[Documents], tokenizer, *, seed: int, eval
   once the stream has `max_tokens` tokens (0: all of them); and how many documents it holds. Of
   several sources, each gives its weight's share of max_tokens, one after the other."""
   docs = _as_list(docs)
-  weights = weights or mixture_weights(docs)
+  weights = weights or (mixture_weights(docs) if len(docs) > 1 else [1.0])
   encoded, total = [], 0
   for k, (d, w) in enumerate(zip(docs, weights)):
     budget = int(np.ceil(max_tokens * w)) if max_tokens else 0
@@ -408,7 +420,7 @@ def tokenizer_sample(docs: Documents | list[Documents], *, seed: int, eval_fract
   `max_chars` characters, each source its weight's share: what a new tokenizer is trained on
   without reading the corpus."""
   docs = _as_list(docs)
-  weights = weights or mixture_weights(docs)
+  weights = weights or (mixture_weights(docs) if len(docs) > 1 else [1.0])
   sample = []
   for k, (d, w) in enumerate(zip(docs, weights)):
     chars = 0

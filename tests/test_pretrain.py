@@ -209,3 +209,24 @@ def test_a_wsd_run_stopped_before_its_decay_extends_to_more_steps(tmp_path):
   assert extended == long
   assert [r['lr'] for r in long[4:19]] == [long[4]['lr']] * 15  # The stable phase ...
   assert long[-1]['lr'] < 0.2 * long[4]['lr']  # ... then the decay.
+
+
+def test_a_mixture_weighted_toward_a_source_learns_that_source_better(tmp_path):
+  """What mixture weights are for: the run given more of a source's tokens ends with the lower
+  held-out loss on that source (one tokenizer for both runs, the same eval batches)."""
+  from data import streaming
+  from data.tokenizer import save_tokenizer, train_tokenizer
+  docs = streaming.open_sources('kjv+python_stdlib')
+  sample = streaming.tokenizer_sample(docs, seed=0, eval_fraction=0.05, max_chars=400_000,
+                                      weights=[0.5, 0.5])
+  (tmp_path / 'tok').mkdir()
+  tokenizer = save_tokenizer(train_tokenizer(sample, vocab_size=512), str(tmp_path / 'tok'))
+  last = {}
+  for weights in ('0.9,0.1', '0.1,0.9'):
+    keys = {'data.streaming': True, 'data.source': 'kjv+python_stdlib', 'tokenizer.path': tokenizer,
+            'data.mixture_weights': weights, 'train.steps': 60, 'train.eval_every': 0,
+            'train.eval_batches': 4}
+    pretrain.run(tiny_config(**keys), str(tmp_path / weights))
+    last[weights] = read_metrics(tmp_path / weights)[-1]
+  assert last['0.9,0.1']['eval_loss_kjv'] < last['0.1,0.9']['eval_loss_kjv'] - 0.2
+  assert last['0.1,0.9']['eval_loss_python_stdlib'] < last['0.9,0.1']['eval_loss_python_stdlib'] - 0.2

@@ -40,6 +40,10 @@ def get_config(arg: str = 'tiny'):
   # {"messages": [...]}; several join with '+' (data/sft_sources.py).
   c.data.source = 'basic_arithmetic'
   c.data.seq_len = p['seq']
+  # Read, encode and pack the JSONL sources' conversations as training consumes them (data sets
+  # larger than memory; data/streaming.py), holding lines out by a hash of their index, instead
+  # of encoding every conversation before step 1. Built-in sets stay in memory either way.
+  c.data.streaming = False
   add_task_keys(c)
   c.lora = lora_keys()
 

@@ -138,15 +138,19 @@ def chatterbot_conversations() -> list[dict]:
   return examples
 
 
+def conversation_example(record, where: str) -> dict:
+  """A JSONL record {"messages": [...], "answer"?: ...} as an example; an error naming `where`
+  (file:line) if it is not one."""
+  messages = validate_messages(record.get('messages') if isinstance(record, dict) else None,
+                               where=f'{where} "messages"')
+  if not any(m['role'] == 'assistant' for m in messages):
+    raise ValueError(f'{where}: no assistant turn to train on')
+  return {'messages': messages, 'answer': record.get('answer')}
+
+
 def jsonl_conversations(path: str) -> list[dict]:
-  examples = []
-  for where, record in sources.read_jsonl_source(path,
-                                                 f"a built-in name: {TASKS + ('chatterbot',)}"):
-    messages = validate_messages(record.get('messages') if isinstance(record, dict) else None,
-                                 where=f'{where} "messages"')
-    if not any(m['role'] == 'assistant' for m in messages):
-      raise ValueError(f'{where}: no assistant turn to train on')
-    examples.append({'messages': messages, 'answer': record.get('answer')})
+  examples = [conversation_example(record, where) for where, record in sources.read_jsonl_source(
+      path, f"a built-in name: {TASKS + ('chatterbot',)}")]
   if not examples:
     raise ValueError(f'{path}: no conversations')
   return examples
@@ -174,3 +178,54 @@ def load_sft_examples(data_config, seed: int) -> tuple[list[dict], list[dict]]:
   rng.shuffle(train)
   rng.shuffle(held_out)
   return train, held_out
+
+
+# data.streaming: JSONL sources read line by line as training reaches them (data/streaming.py).
+
+
+def _is_example(item, where: str) -> dict:
+  return item  # Built-in examples are made valid.
+
+
+def streamed_train_parts(data_config, seed: int) -> list[tuple[object, float, object]]:
+  """(examples, hash-held-out share, item -> example) per source of a streamed SFT run: built-in
+  sets in memory (their training examples only), JSONL files by line through an index, with the
+  held-out lines (`streaming.held_out`, seed + k for source k) left for `held_out_examples`."""
+  from data import streaming
+  parts = []
+  for k, name in enumerate(data_config.source.split('+')):
+    if name in TASKS:
+      parts.append((task_split(name, data_config, seed)[0], 0.0, _is_example))
+    elif name == 'chatterbot':
+      parts.append((_random_split(chatterbot_conversations(), data_config.eval_fraction,
+                                  seed)[0], 0.0, _is_example))
+    else:
+      if not os.path.exists(name):
+        raise FileNotFoundError(f'data.source={name!r}: no such file (and not a built-in name: '
+                                f'{TASKS + ("chatterbot",)})')
+      parts.append((streaming.open_records(name), data_config.eval_fraction,
+                    conversation_example))
+  return parts
+
+
+def held_out_examples(data_config, seed: int) -> list[dict]:
+  """The held-out examples of the run's data (eval/accuracy.py, the SFT trainer's eval) in a
+  seeded order: `load_sft_examples`'s, or with data.streaming the JSONL lines its hash holds out
+  (read by index; the training lines are not read)."""
+  if not data_config.get('streaming'):
+    return load_sft_examples(data_config, seed)[1]
+  from data import streaming
+  held = []
+  for k, name in enumerate(data_config.source.split('+')):
+    if name in TASKS:
+      held += task_split(name, data_config, seed)[1]
+    elif name == 'chatterbot':
+      held += _random_split(chatterbot_conversations(), data_config.eval_fraction, seed)[1]
+    else:
+      records = streaming.open_records(name)
+      order = streaming.held_out_order(len(records), seed=seed + k,
+                                       eval_fraction=data_config.eval_fraction)
+      held += [conversation_example(records[i], records.where(i)) for i in order
+               if records[i] is not None]
+  random.Random(seed).shuffle(held)
+  return held

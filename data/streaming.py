@@ -1,5 +1,5 @@
-"""Pretraining on corpora larger than memory: documents read, tokenized and packed as training
-consumes them (`config.data.streaming=True`).
+"""Pretraining (and SFT) on data larger than memory: documents read, tokenized and packed as
+training consumes them (`config.data.streaming=True`).
 
 The default path (data/pipeline.py) reads the whole corpus, tokenizes all of it before step 1 (on
 every host of a pod) and keeps the token stream in memory: right for the built-in corpora, not for
@@ -27,6 +27,9 @@ a pretraining corpus of tens of gigabytes. This one starts in seconds and holds 
   (seed + k for source k), and `eval_sets` gives each source an equal share of the eval batches
   (the same ones whatever the weights), by name, so the loop reports eval_loss_<source> beside
   the pooled eval_loss.
+
+SFT (`make_sft_iterator`) streams JSONL conversations the same way (`open_records`, the held-out
+lines by the same hash), packed whole by grain's first-fit packing instead of concat-then-split.
 
 Rows have the batch layout of data/pipeline.py, with three differences a user may see: a row
 holds seq_len + 1 tokens of the stream and the next row starts after them (the in-memory rows
@@ -91,14 +94,21 @@ class _JsonlFile:
   def __len__(self) -> int:
     return len(self._ends)
 
+  def where(self, i: int) -> str:
+    return f'{self.path}:{i + 1}'
+
   def __getitem__(self, i: int) -> str:
+    """The line's `text_key` field ('' for a blank line); with text_key None its whole record
+    (None for a blank line)."""
     line = sources.decode_text(self._file.bytes(self._starts[i], self._ends[i]))[0]
     if not line.strip():
-      return ''
+      return '' if self.text_key else None
     try:
       record = json.loads(line)
     except ValueError as e:
       raise ValueError(f'{self.path}, line {i + 1}: not valid JSON ({e})') from None
+    if self.text_key is None:
+      return record
     if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
       raise ValueError(f'{self.path}, line {i + 1}: no string field {self.text_key!r} '
                        '(set data.text_key)')
@@ -177,12 +187,22 @@ class Documents:
   def __len__(self) -> int:
     return self._offsets[-1]
 
-  def __getitem__(self, i: int) -> str:
+  def _locate(self, i) -> tuple[int, int]:
     i = int(i)
     if not 0 <= i < len(self):
       raise IndexError(f'document {i} of {len(self)}')
     part = bisect.bisect_right(self._offsets, i) - 1
-    return self._parts[part][i - self._offsets[part]]
+    return part, i - self._offsets[part]
+
+  def __getitem__(self, i: int) -> str:
+    part, j = self._locate(i)
+    return self._parts[part][j]
+
+  def where(self, i: int) -> str:
+    """Where document i is, for error messages ('file.jsonl:17', else 'SOURCE, example i')."""
+    part, j = self._locate(i)
+    return (self._parts[part].where(j) if hasattr(self._parts[part], 'where')
+            else f'{self.name}, example {i}')
 
 
 def open_documents(source: str, *, text_key: str = 'text') -> Documents:
@@ -437,3 +457,82 @@ def tokenizer_sample(docs: Documents | list[Documents], *, seed: int, eval_fract
     names = '+'.join(d.name for d in docs)
     raise ValueError(f'data source {names!r} is empty: it has no non-whitespace text')
   return sample
+
+
+def open_records(path: str) -> Documents:
+  """The records of a JSONL file (or a directory or glob of them) by line, each a parsed JSON
+  value (None for a blank line), through the same index as `open_documents`."""
+  files = sources.source_files(path)
+  bad = [f for f in files if f.suffix != '.jsonl']
+  if bad:
+    raise ValueError(f'data source {path!r}: {bad[0]} is not a .jsonl file')
+  return Documents(path, [_JsonlFile(f, None) for f in files])
+
+
+class _ReadConversation:
+  """Example index -> {'ids', 'mask'} (`chat.encode_conversation`, cut to seq_len + 1 tokens),
+  or None (grain skips it) for a held-out (by hash, eval_fraction > 0) or blank one. `example`
+  turns a stored item into {'messages': ...} (raising, with `where`, for a malformed one)."""
+
+  def __init__(self, examples, example, tokenizer, *, seq_len: int, seed: int,
+               eval_fraction: float):
+    self.examples, self.example, self.tokenizer = examples, example, tokenizer
+    self.seq_len, self.seed, self.eval_fraction = seq_len, seed, eval_fraction
+
+  def __call__(self, i):
+    if self.eval_fraction and held_out([i], seed=self.seed, eval_fraction=self.eval_fraction)[0]:
+      return None
+    item = self.examples[i]
+    if item is None:
+      return None
+    where = self.examples.where(i) if hasattr(self.examples, 'where') else f'example {i}'
+    from data import chat
+    ids, mask = chat.encode_conversation(self.tokenizer, self.example(item, where)['messages'])
+    ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
+    if len(ids) < 2:
+      return None
+    return {'ids': np.asarray(ids, np.int32), 'mask': np.asarray(mask, np.int32)}
+
+
+def _to_sft_row(packed: dict) -> dict:
+  """Packed conversations (seq_len + 1 slots) as the batch row of data/pipeline.py: the loss
+  covers the tokens the mask marks (assistant turns) within each conversation."""
+  ids, seg, pos, mask = (packed['ids'], packed['ids_segment_ids'], packed['ids_positions'],
+                         packed['mask'])
+  same = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
+  return {'inputs': ids[:-1], 'targets': ids[1:], 'positions': pos[:-1], 'segment_ids': seg[:-1],
+          'loss_mask': (mask[1:] * same).astype(np.float32)}
+
+
+def make_sft_iterator(parts: list, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                      process_index: int = 0, process_count: int = 1, worker_count: int = 0,
+                      read_threads: int = 4):
+  """Conversations read, encoded and packed as training consumes them: `parts` is a list of
+  (examples, eval_fraction, example): random-access items (`open_records`, or a list in memory),
+  the hash-held-out share to skip (0 for a list that holds training examples only), and the
+  function that makes an item an example (`data.sft_sources.conversation_example` for JSONL
+  records); source k shuffles every epoch with seed + k. The sources' examples are mixed in proportion to their
+  counts, then grain's first-fit packing puts whole conversations into rows of seq_len + 1
+  tokens (a conversation longer than that is cut, as data/chat.py cuts it), padding the rest.
+  Endless and checkpointable, like `make_train_iterator`."""
+  from grain.experimental import FirstFitPackIterDataset
+  streams, sizes = [], []
+  for k, (examples, eval_fraction, example) in enumerate(parts):
+    if len(examples) < process_count:
+      raise ValueError(f'{len(examples)} examples are too few to give each of {process_count} '
+                       'processes one')
+    ds = grain.MapDataset.range(len(examples)).shuffle(seed + k).repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.map(_ReadConversation(examples, example, tokenizer, seq_len=seq_len, seed=seed + k,
+                                  eval_fraction=eval_fraction))
+    streams.append(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                        prefetch_buffer_size=4 * read_threads)))
+    sizes.append(len(examples))
+  ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
+      streams, weights=[n / sum(sizes) for n in sizes])
+  ds = FirstFitPackIterDataset(ds, length_struct={'ids': seq_len + 1, 'mask': seq_len + 1},
+                               num_packing_bins=batch_size, shuffle_bins=False)
+  ds = ds.map(_to_sft_row).batch(batch_size, drop_remainder=True)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(ds)

@@ -126,7 +126,7 @@ def evaluate_accuracy(workdir: str, *, task_from: str = '', task: str = '', data
   if data:
     problems = prompt_sources.jsonl_prompts(data)
   else:
-    _, conversations = sft_sources.load_sft_examples(config.data, config.seed)
+    conversations = sft_sources.held_out_examples(config.data, config.seed)
     problems = [{'prompt': e['messages'][:-1], 'answer': e['answer']} for e in conversations
                 if e['answer'] is not None]
   missing = sum(p['answer'] is None for p in problems)

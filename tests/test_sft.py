@@ -58,3 +58,31 @@ def test_paired_comparison_counts_changed_verdicts_and_tests_them_exactly():
   assert paired_comparison([True], [True]) == {'fixed': 0, 'broken': 0, 'p_value': 1.0}
   with pytest.raises(ValueError, match='same problems'):
     paired_comparison([True], [True, False])
+
+
+def test_streamed_sft_resumes_exactly_and_scores_its_held_out_lines(tmp_path):
+  """data.streaming: a JSONL set read line by line as training reaches it. The loss falls, a run
+  stopped and resumed logs exactly the uninterrupted run's metrics, and eval.accuracy scores the
+  lines the run's hash held out (never trained on)."""
+  import json
+  from data import sft_sources, streaming
+  from tests.helpers import without_timing
+  pre = str(tmp_path / 'pre')
+  pretrain.run(tiny_config(**{'train.steps': 10}), pre)
+  examples = sft_sources.task_split('basic_arithmetic', _config().data, 0)[0][:600]
+  path = tmp_path / 'arithmetic.jsonl'
+  path.write_text(''.join(json.dumps(e) + '\n' for e in examples))
+  keys = {'init_from': pre, 'data.streaming': True, 'data.source': str(path), 'train.steps': 16,
+          'train.log_every': 1, 'train.eval_every': 8, 'train.checkpoint_every': 4}
+  assert sft.run(_config(**keys), str(tmp_path / 'straight')).completed
+  assert not sft.run(_config(**keys, **{'train.stop_after': 6}), str(tmp_path / 'resumed')).completed
+  assert sft.run(_config(**keys), str(tmp_path / 'resumed')).completed
+  records = without_timing(read_metrics(tmp_path / 'straight'))
+  assert without_timing(read_metrics(tmp_path / 'resumed')) == records
+  assert records[-1]['loss'] < 0.5 * records[0]['loss'] and 'eval_loss' in records[-1]
+
+  held = np.flatnonzero(streaming.held_out(np.arange(600), seed=0, eval_fraction=0.05))
+  held_questions = {examples[i]['messages'][0]['content'] for i in held}
+  result = evaluate_accuracy(str(tmp_path / 'straight'), num_problems=8)
+  assert result['problems'] == min(8, len(held))
+  assert {s['question'] for s in result['samples']} <= held_questions

@@ -315,11 +315,100 @@ def test_eval_sets_give_each_source_the_same_batches_whatever_the_weights():
                         eval_fraction=0.5, seq_len=16, batch_size=2)
 
 
-def test_only_pretraining_has_the_streaming_keys():
-  """Other stages read their data into memory: the keys are not in their configs, so setting
+def test_only_pretraining_and_sft_have_the_streaming_keys():
+  """The other stages read their data into memory: the keys are not in their configs, so setting
   them there is the CLI's unknown-key error instead of a silent no-op."""
-  from configs import dpo, grpo, pretrain, reward, sft
+  from configs import dpo, grpo, lora, pretrain, reward, sft
   assert 'streaming' in pretrain.get_config('tiny').data
-  for module in (sft, dpo, reward, grpo):
+  assert 'mixture_weights' in pretrain.get_config('tiny').data
+  assert 'streaming' in sft.get_config('tiny').data and 'streaming' in lora.get_config('tiny').data
+  assert 'mixture_weights' not in sft.get_config('tiny').data
+  for module in (dpo, reward, grpo):
     c = module.get_config('tiny')
     assert 'streaming' not in c.data and 'mixture_weights' not in c.data, module.__name__
+
+
+# Conversations (SFT with data.streaming).
+
+
+@pytest.fixture(scope='module')
+def chat_tokenizer():
+  from data.tokenizer import train_tokenizer
+  words = ' '.join(f'question answer step {i} equals' for i in range(200))
+  return train_tokenizer([words] * 20, vocab_size=300)
+
+
+def conversations_file(path, n=60):
+  """Line i: a user turn naming i and an assistant answer of 1 to 12 words (line 7: 40 words,
+  longer than a row); every third line also has a system turn."""
+  rng = np.random.default_rng(0)
+  with open(path, 'w') as f:
+    for i in range(n):
+      words = 40 if i == 7 else int(rng.integers(1, 13))
+      messages = ([{'role': 'system', 'content': 'step'}] if i % 3 == 0 else []) + [
+          {'role': 'user', 'content': f'question {i}'},
+          {'role': 'assistant', 'content': ' '.join(['answer'] * words) + f' {i}'}]
+      f.write(json.dumps({'messages': messages}) + '\n')
+  return path
+
+
+def test_conversations_are_packed_whole_with_their_assistant_mask(tmp_path, chat_tokenizer):
+  from data import chat, sft_sources
+  records = streaming.open_records(str(conversations_file(tmp_path / 'chat.jsonl')))
+  encoded = [chat.encode_conversation(chat_tokenizer, records[i]['messages'])
+             for i in range(len(records))]
+  kw = dict(seq_len=48, batch_size=2, seed=0)
+  make = lambda: streaming.make_sft_iterator(
+      [(records, 0.2, sft_sources.conversation_example)], chat_tokenizer, **kw)
+  it = make()
+  batches = [next(it) for _ in range(40)]
+  held = set(np.flatnonzero(streaming.held_out(np.arange(60), seed=0, eval_fraction=0.2)))
+  seen = set()
+  for b in batches:
+    for row in range(2):
+      seg = b['segment_ids'][row]
+      for s in set(seg[seg > 0].tolist()):
+        at = np.flatnonzero(seg == s)
+        inputs = b['inputs'][row][at].tolist()
+        assert b['positions'][row][at].tolist() == list(range(len(at)))  # From its start ...
+        match = [i for i, (ids, _) in enumerate(encoded) if ids[:len(inputs)] == inputs]
+        assert len(match) == 1, inputs  # ... a whole conversation (or a long one's first 49).
+        i = match[0]
+        ids, mask = encoded[i]
+        packed = min(len(ids), 49)  # A conversation longer than a row is cut to seq_len + 1.
+        assert len(at) in (packed, packed - 1)  # -1: it ends the row, its last token a target.
+        # The loss: the assistant tokens' mask, never across into the next conversation.
+        want = [mask[j + 1] if j + 1 < packed else 0 for j in range(len(at))]
+        assert b['loss_mask'][row][at].tolist() == want
+        seen.add(i)
+      assert (b['loss_mask'][row][seg == 0] == 0).all()
+  assert not seen & held and len(seen) > 30 and 7 in seen | held
+  state = it.get_state()
+  want = [next(it) for _ in range(5)]
+  again = make()
+  again.set_state(state)
+  for a, b in zip(want, [next(again) for _ in range(5)]):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])
+
+
+def test_streamed_sft_holds_out_by_hash_and_names_bad_lines(tmp_path, chat_tokenizer):
+  from configs import sft
+  from data import sft_sources
+  path = conversations_file(tmp_path / 'chat.jsonl')
+  c = sft.get_config('tiny')
+  c.data.source, c.data.streaming = str(path), True
+  held = sft_sources.held_out_examples(c.data, 0)
+  records = streaming.open_records(str(path))
+  ids = np.flatnonzero(streaming.held_out(np.arange(60), seed=0, eval_fraction=c.data.eval_fraction))
+  assert sorted(e['messages'][-2]['content'] for e in held) == sorted(
+      records[i]['messages'][-2]['content'] for i in ids)
+  c.data.streaming = False  # In memory: load_sft_examples's own split.
+  assert len(sft_sources.held_out_examples(c.data, 0)) == round(60 * c.data.eval_fraction)
+
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+  it = streaming.make_sft_iterator([(streaming.open_records(str(bad)), 0.0,
+                                     sft_sources.conversation_example)], chat_tokenizer,
+                                   seq_len=16, batch_size=1, seed=0, read_threads=1)
+  with pytest.raises(ValueError, match=r'bad.jsonl:1: no assistant turn to train on'):
+    next(it)

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from data import chat, pipeline, sft_sources
+from data import chat, pipeline, sft_sources, streaming
 from models.losses import token_cross_entropy
 from trainers import cli, common, loop
 from trainers import lora as adapters
@@ -46,6 +46,23 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer) -> SFTData:
   return SFTData(tokenizer, train_rows, eval_rows, len(train), len(held_out))
 
 
+def streamed_data(config: ml_collections.ConfigDict, tokenizer, per_process: int):
+  """data.streaming: the training iterator over conversations read as it reaches them, and the
+  held-out rows (the held-out conversations are read, the training ones are not)."""
+  parts = sft_sources.streamed_train_parts(config.data, config.seed)
+  train_iter = streaming.make_sft_iterator(
+      parts, tokenizer, seq_len=config.data.seq_len,
+      batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=config.data.worker_count)
+  held_out = sft_sources.held_out_examples(config.data, config.seed)
+  print(f'SFT data {config.data.source!r}: {sum(len(e) for e, _, _ in parts):,} examples, '
+        f'streamed; {len(held_out)} held out.')
+  if not held_out:
+    return train_iter, None
+  encoded = [chat.encode_conversation(tokenizer, e['messages']) for e in held_out]
+  return train_iter, chat.pack_conversations(encoded, config.data.seq_len, tokenizer.pad_id)
+
+
 def eval_batches(rows: dict, *, batch_size: int, max_batches: int) -> list[dict]:
   """The first max_batches batches of rows, the last one padded with empty rows (loss mask 0)."""
   n = min(len(rows['inputs']), batch_size * max_batches)
@@ -70,17 +87,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
     raise ValueError('SFT starts from a pretrained model: set --config.init_from=WORKDIR')
   adapters.spec(config)  # A bad lora block fails before anything is read or written.
   tokenizer = common.tokenizer_for(config, workdir)
-  data = prepare_data(config, tokenizer)
   model_cfg = common.model_config(config, tokenizer.vocab_size)
   mesh = common.mesh_from_config(config)
   per_process = common.per_process_batch(config)
-  rows = pipeline.RowTable(data.train_rows)
-  train_iter = pipeline.make_train_iterator(
-      rows, batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count)
+  if config.data.streaming:
+    train_iter, eval_rows = streamed_data(config, tokenizer, per_process)
+  else:
+    data = prepare_data(config, tokenizer)
+    eval_rows = data.eval_rows
+    rows = pipeline.RowTable(data.train_rows)
+    train_iter = pipeline.make_train_iterator(
+        rows, batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=config.data.worker_count)
   held_out = None
-  if data.eval_rows is not None and config.train.eval_batches:
-    held_out = eval_batches(data.eval_rows, batch_size=per_process,
+  if eval_rows is not None and config.train.eval_batches:
+    held_out = eval_batches(eval_rows, batch_size=per_process,
                             max_batches=config.train.eval_batches)
 
   # With adapters (trainers/lora.py) the frozen base is loaded on every start, resumed ones

@@ -183,7 +183,7 @@ def load_sft_examples(data_config, seed: int) -> tuple[list[dict], list[dict]]:
 # data.streaming: JSONL sources read line by line as training reaches them (data/streaming.py).
 
 
-def _is_example(item, where: str) -> dict:
+def _built_in_example(item, where: str) -> dict:
   return item  # Built-in examples are made valid.
 
 
@@ -195,10 +195,10 @@ def streamed_train_parts(data_config, seed: int) -> list[tuple[object, float, ob
   parts = []
   for k, name in enumerate(data_config.source.split('+')):
     if name in TASKS:
-      parts.append((task_split(name, data_config, seed)[0], 0.0, _is_example))
+      parts.append((task_split(name, data_config, seed)[0], 0.0, _built_in_example))
     elif name == 'chatterbot':
       parts.append((_random_split(chatterbot_conversations(), data_config.eval_fraction,
-                                  seed)[0], 0.0, _is_example))
+                                  seed)[0], 0.0, _built_in_example))
     else:
       if not os.path.exists(name):
         raise FileNotFoundError(f'data.source={name!r}: no such file (and not a built-in name: '

@@ -5,8 +5,10 @@
 The loss is the mean cross-entropy of each token given the tokens before it in its own document,
     L = -1/N * sum_{rows, t : mask} log p(x_{t+1} | x_{<=t}),
 with documents packed into fixed-length rows and kept apart by segment ids (no attention and no
-loss across a document boundary). Everything else (optimizer, checkpoints, resumption, metrics) is
-the shared loop's.
+loss across a document boundary). The corpus is tokenized up front (data/pipeline.py) or, with
+data.streaming, read as training reaches it, several sources mixed by token share and each
+evaluated on its own (data/streaming.py). Everything else (optimizer, checkpoints, resumption,
+metrics) is the shared loop's.
 """
 import dataclasses
 

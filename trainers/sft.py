@@ -5,7 +5,8 @@
   python -m trainers.sft --config=configs/qlora.py:tiny ...   (adapters over an NF4 base)
 
 Conversations are rendered with the chat template (data/chat.py) and packed several to a row,
-kept apart by segment ids. The loss is the cross-entropy of the assistant tokens only,
+kept apart by segment ids: all of them before step 1, or with data.streaming a JSONL set's lines
+as training reaches them (data/streaming.py). The loss is the cross-entropy of the assistant tokens only,
     L = -1/N * sum_{t : assistant token} log p(x_{t+1} | x_{<=t}),
 where "assistant token" means the content and end-of-turn token of every assistant turn (the
 loss mask). With lora.rank > 0 the base is frozen (quantized to NF4 for QLoRA) and only the

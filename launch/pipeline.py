@@ -70,10 +70,13 @@ def run(config, workdir: str) -> dict:
   result, seconds = _train_stage(pretrain, config.pretrain, pre_dir)
   records = read_metrics(os.path.join(pre_dir, 'metrics.jsonl'))
   model_cfg = checkpoint.load_model_config(pre_dir)
-  speeds = [r['tokens_per_s'] for r in records if r.get('tokens_per_s')]
+  def median(key):
+    values = sorted(r[key] for r in records if r.get(key))
+    return values[len(values) // 2] if values else 0.0
   report['pretrain'] = {'params': model_cfg.num_params(), 'steps': result.step,
                         'first_loss': records[0]['loss'], 'final_loss': records[-1]['loss'],
-                        'tokens_per_s': sorted(speeds)[len(speeds) // 2] if speeds else 0.0,
+                        'tokens_per_s': median('tokens_per_s'),
+                        'tflops_per_device': median('tflops_per_device'), 'mfu': median('mfu'),
                         'seconds': seconds}
   p = report['pretrain']
   rows += [('tokenizer', 'vocabulary', f'{model_cfg.vocab_size:,} BPE'),
@@ -82,7 +85,10 @@ def run(config, workdir: str) -> dict:
                                                f' x {config.pretrain.data.seq_len}'),
            ('pretrain', 'train loss', f'{p["first_loss"]:.3f} (step {records[0]["step"]}) -> '
                                       f'{p["final_loss"]:.3f}'),
-           ('pretrain', 'tokens/s (median)', f'{p["tokens_per_s"]:,.0f}'),
+           ('pretrain', 'tokens/s (median)', f'{p["tokens_per_s"]:,.0f} '
+                                             f'({p["tflops_per_device"]:.2f} model TFLOP/s per '
+                                             'device' + (f', MFU {p["mfu"]:.1%}' if p['mfu'] else
+                                                         '') + ')'),
            ('pretrain', 'wall time', f'{p["seconds"]:.0f} s')]
 
   ev = evaluate_perplexity(pre_dir)

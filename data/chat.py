@@ -68,6 +68,22 @@ def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int],
   """(ids, loss_mask): loss_mask[i] is 1 iff ids[i] is part of an assistant turn's content or its
   end-of-turn token."""
   messages = validate_messages(messages)
+  if not getattr(tokenizer, 'chat_template', None):
+    # Our ChatML rendering is turn by turn, so one pass gives what the prefix renders below
+    # would (tests/test_chat.py checks the two agree), encoding each turn once.
+    start, end = tokenizer.token_id(IM_START), tokenizer.token_id(IM_END)
+    ids, mask = [tokenizer.bos_id], [0]
+    for m in messages:
+      content = tokenizer.encode(m['content']) + [end]
+      ids += [start, tokenizer.token_id(_ROLE_TOKENS[m['role']])] + content
+      mask += [0, 0] + [int(m['role'] == 'assistant')] * len(content)
+    return ids, mask
+  return _encode_by_prefixes(tokenizer, messages)
+
+
+def _encode_by_prefixes(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+  """encode_conversation for any template: each assistant turn located by rendering the
+  conversation up to it (with and without the turn), which a template must render as a prefix."""
   ids = apply_chat_template(tokenizer, messages, add_generation_prompt=False)
   mask = [0] * len(ids)
   for i, m in enumerate(messages):

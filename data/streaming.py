@@ -289,6 +289,22 @@ def held_out(indices, *, seed: int, eval_fraction: float) -> np.ndarray:
   return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < eval_fraction
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix_int(x: int) -> int:
+  """_mix on one Python int (a few microseconds, against tens for numpy on a 1-element array)."""
+  x = (x + 0x9E3779B97F4A7C15) & _M64
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+  return x ^ (x >> 31)
+
+
+def _is_held_out(i: int, seed: int, eval_fraction: float) -> bool:
+  """held_out for one index, as the per-document readers ask it."""
+  return (_mix_int(int(i) ^ _mix_int(seed % 2**64)) >> 11) * 2.0 ** -53 < eval_fraction
+
+
 class _ReadTokens:
   """Document index -> {'tokens': int32 array}, or None (grain skips it) for a held-out or
   blank document."""
@@ -298,7 +314,7 @@ class _ReadTokens:
     self.seed, self.eval_fraction = seed, eval_fraction
 
   def __call__(self, i):
-    if self.eval_fraction and held_out([i], seed=self.seed, eval_fraction=self.eval_fraction)[0]:
+    if self.eval_fraction and _is_held_out(i, self.seed, self.eval_fraction):
       return None
     text = self.docs[i]
     if not text.strip():
@@ -447,7 +463,7 @@ def tokenizer_sample(docs: Documents | list[Documents], *, seed: int, eval_fract
     for i in grain.MapDataset.range(len(d)).shuffle(seed + k):
       if chars >= max_chars * w:
         break
-      if eval_fraction and held_out([i], seed=seed + k, eval_fraction=eval_fraction)[0]:
+      if eval_fraction and _is_held_out(i, seed + k, eval_fraction):
         continue
       text = d[i]
       if text.strip():
@@ -480,7 +496,7 @@ class _ReadConversation:
     self.seq_len, self.seed, self.eval_fraction = seq_len, seed, eval_fraction
 
   def __call__(self, i):
-    if self.eval_fraction and held_out([i], seed=self.seed, eval_fraction=self.eval_fraction)[0]:
+    if self.eval_fraction and _is_held_out(i, self.seed, self.eval_fraction):
       return None
     item = self.examples[i]
     if item is None:

@@ -44,6 +44,15 @@ def test_mask_covers_exactly_the_assistant_turns(tokenizer):
                     tok.encode('3') + [tok.token_id('<|im_end|>')])
 
 
+def test_the_one_pass_encoding_equals_the_prefix_renders(tokenizer):
+  """encode_conversation's one pass over our ChatML turns gives exactly what locating each
+  assistant turn by rendering prefixes gives (the path for any tokenizer's own template)."""
+  for messages in (CONVERSATION, CONVERSATION[1:3], CONVERSATION[:4] + [
+      {'role': 'assistant', 'content': ''}], [{'role': 'assistant', 'content': 'only me'}]):
+    assert chat.encode_conversation(tokenizer, messages) == chat._encode_by_prefixes(
+        tokenizer, messages)
+
+
 def test_generation_prompt_is_the_prefix_of_the_assistant_turn(tokenizer):
   tok = tokenizer
   prompt = chat.apply_chat_template(tok, CONVERSATION[:2])

@@ -106,6 +106,10 @@ def test_held_out_is_a_seeded_hash_of_the_index():
   b = streaming.held_out(idx, seed=1, eval_fraction=0.05)
   assert (a & b).mean() < 0.005  # Another seed, another (nearly independent) split.
   assert not streaming.held_out(idx, seed=0, eval_fraction=0.0).any()
+  one = [streaming._is_held_out(i, 0, 0.05) for i in range(0, 200_000, 97)]  # The readers' form.
+  assert one == a[::97].tolist()
+  assert [streaming._is_held_out(i, -3, 0.5) for i in range(100)] == streaming.held_out(
+      np.arange(100), seed=-3, eval_fraction=0.5).tolist()
   with pytest.raises(ValueError, match=r'eval_fraction=1.0 is not in \[0, 1\)'):
     streaming.held_out(idx, seed=0, eval_fraction=1.0)
 

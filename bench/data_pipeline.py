@@ -65,9 +65,9 @@ def sft_child(args, tokenizer):
         [chat.encode_conversation(tokenizer, e['messages']) for e in train], args.seq,
         tokenizer.pad_id)
     return pipeline.make_train_iterator(pipeline.RowTable(rows), batch_size=args.batch, seed=0)
-  sft_sources.held_out_examples(data, 0)  # What the trainer reads for its eval rows.
-  return streaming.make_sft_iterator(sft_sources.streamed_train_parts(data, 0), tokenizer,
-                                     seq_len=args.seq, batch_size=args.batch, seed=0)
+  parts, _ = sft_sources.streamed_examples(data, 0)  # As the trainer: its eval rows read too.
+  return streaming.make_sft_iterator(parts, tokenizer, seq_len=args.seq, batch_size=args.batch,
+                                     seed=0)
 
 
 def child(args) -> dict:

@@ -187,45 +187,39 @@ def _built_in_example(item, where: str) -> dict:
   return item  # Built-in examples are made valid.
 
 
-def streamed_train_parts(data_config, seed: int) -> list[tuple[object, float, object]]:
-  """(examples, hash-held-out share, item -> example) per source of a streamed SFT run: built-in
-  sets in memory (their training examples only), JSONL files by line through an index, with the
-  held-out lines (`streaming.held_out`, seed + k for source k) left for `held_out_examples`."""
+def streamed_examples(data_config, seed: int) -> tuple[list[tuple[object, float, object]],
+                                                       list[dict]]:
+  """A streamed SFT run's data, each source opened once: per source (examples, hash-held-out
+  share, item -> example) for `streaming.make_sft_iterator` (built-in sets in memory, their
+  training examples only; JSONL files by line through an index), and the held-out examples in a
+  seeded order (the JSONL lines `streaming.held_out` picks with seed + k for source k, read by
+  index; the training lines are not read)."""
   from data import streaming
-  parts = []
+  parts, held = [], []
   for k, name in enumerate(data_config.source.split('+')):
-    if name in TASKS:
-      parts.append((task_split(name, data_config, seed)[0], 0.0, _built_in_example))
-    elif name == 'chatterbot':
-      parts.append((_random_split(chatterbot_conversations(), data_config.eval_fraction,
-                                  seed)[0], 0.0, _built_in_example))
-    else:
-      if not os.path.exists(name):
-        raise FileNotFoundError(f'data.source={name!r}: no such file (and not a built-in name: '
-                                f'{TASKS + ("chatterbot",)})')
-      parts.append((streaming.open_records(name), data_config.eval_fraction,
-                    conversation_example))
-  return parts
+    if name in TASKS or name == 'chatterbot':
+      train, h = (task_split(name, data_config, seed) if name in TASKS else
+                  _random_split(chatterbot_conversations(), data_config.eval_fraction, seed))
+      parts.append((train, 0.0, _built_in_example))
+      held += h
+      continue
+    if not os.path.exists(name):
+      raise FileNotFoundError(f'data.source={name!r}: no such file (and not a built-in name: '
+                              f'{TASKS + ("chatterbot",)})')
+    records = streaming.open_records(name)
+    parts.append((records, data_config.eval_fraction, conversation_example))
+    for i in streaming.held_out_order(len(records), seed=seed + k,
+                                      eval_fraction=data_config.eval_fraction):
+      record = records[i]
+      if record is not None:
+        held.append(conversation_example(record, records.where(i)))
+  random.Random(seed).shuffle(held)
+  return parts, held
 
 
 def held_out_examples(data_config, seed: int) -> list[dict]:
-  """The held-out examples of the run's data (eval/accuracy.py, the SFT trainer's eval) in a
-  seeded order: `load_sft_examples`'s, or with data.streaming the JSONL lines its hash holds out
-  (read by index; the training lines are not read)."""
+  """The held-out examples of the run's data (eval/accuracy.py): `load_sft_examples`'s, or with
+  data.streaming `streamed_examples`'s."""
   if not data_config.get('streaming'):
     return load_sft_examples(data_config, seed)[1]
-  from data import streaming
-  held = []
-  for k, name in enumerate(data_config.source.split('+')):
-    if name in TASKS:
-      held += task_split(name, data_config, seed)[1]
-    elif name == 'chatterbot':
-      held += _random_split(chatterbot_conversations(), data_config.eval_fraction, seed)[1]
-    else:
-      records = streaming.open_records(name)
-      order = streaming.held_out_order(len(records), seed=seed + k,
-                                       eval_fraction=data_config.eval_fraction)
-      held += [conversation_example(records[i], records.where(i)) for i in order
-               if records[i] is not None]
-  random.Random(seed).shuffle(held)
-  return held
+  return streamed_examples(data_config, seed)[1]

@@ -380,26 +380,19 @@ def held_out_order(n: int, *, seed: int, eval_fraction: float) -> np.ndarray:
   return held[np.argsort(keys, kind='stable')]
 
 
-def eval_stream(docs: Documents | list[Documents], tokenizer, *, seed: int, eval_fraction: float,
-                max_tokens: int = 0,
-                weights: list[float] | None = None) -> tuple[pipeline.TokenStream, int]:
-  """The held-out documents in `held_out_order`, tokenized as training tokenizes them, stopping
-  once the stream has `max_tokens` tokens (0: all of them); and how many documents it holds. Of
-  several sources, each gives its weight's share of max_tokens, one after the other."""
-  docs = _as_list(docs)
-  weights = weights or (mixture_weights(docs) if len(docs) > 1 else [1.0])
+def eval_stream(docs: Documents, tokenizer, *, seed: int, eval_fraction: float,
+                max_tokens: int = 0) -> tuple[pipeline.TokenStream, int]:
+  """A source's held-out documents in `held_out_order`, tokenized as training tokenizes them,
+  stopping once the stream has `max_tokens` tokens (0: all of them); and how many documents it
+  holds. (`eval_sets` calls it per source of a mixture, with that source's seed.)"""
   encoded, total = [], 0
-  for k, (d, w) in enumerate(zip(docs, weights)):
-    budget = int(np.ceil(max_tokens * w)) if max_tokens else 0
-    mine = 0
-    for i in held_out_order(len(d), seed=seed + k, eval_fraction=eval_fraction):
-      if budget and mine >= budget:
-        break
-      text = d[i]
-      if text.strip():
-        encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
-        mine += len(encoded[-1])
-    total += mine
+  for i in held_out_order(len(docs), seed=seed, eval_fraction=eval_fraction):
+    if max_tokens and total >= max_tokens:
+      break
+    text = docs[i]
+    if text.strip():
+      encoded.append(tokenizer.encode(text, bos=tokenizer.add_bos, eos=True))
+      total += len(encoded[-1])
   tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, count=total)
   doc_ids = np.repeat(np.arange(len(encoded), dtype=np.int32), [len(ids) for ids in encoded])
   return pipeline.TokenStream(tokens, doc_ids), len(encoded)

@@ -54,8 +54,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PretrainDat
                       pipeline.tokenize_documents(tokenizer, eval_docs))
 
 
-def streamed_data(config: ml_collections.ConfigDict, workdir: str):
-  """data.streaming: the tokenizer, the training iterator and the held-out stream, with nothing
+def streamed_data(config: ml_collections.ConfigDict, workdir: str, per_process: int):
+  """data.streaming: the tokenizer, the training iterator and the eval batches, with nothing
   read but a tokenizer's sample (when a new one is trained) and the eval documents."""
   if config.data.max_chars:  # Set by the tiny preset to keep tokenizing up front quick.
     print(f'data.max_chars={config.data.max_chars} bounds what the in-memory path reads and '
@@ -65,11 +65,10 @@ def streamed_data(config: ml_collections.ConfigDict, workdir: str):
   weights = streaming.mixture_weights(docs, config.data.mixture_weights)
   for d, w in zip(docs, weights):
     print(f'Corpus {d.name!r}: {len(d):,} documents, streamed (read and tokenized as training '
-          'reaches them)' + (f', {w:.1%} of the documents drawn' if len(docs) > 1 else ''))
+          'reaches them)' + (f', {w:.1%} of the training tokens' if len(docs) > 1 else ''))
   split = dict(seed=config.seed, eval_fraction=config.data.eval_fraction, weights=weights)
   tokenizer = common.tokenizer_for(config, workdir, lambda: streaming.tokenizer_sample(
       docs, **split, max_chars=config.tokenizer.train_chars))
-  per_process = common.per_process_batch(config)
   train_iter = streaming.make_train_iterator(
       docs, tokenizer, seq_len=config.data.seq_len, batch_size=per_process, **split,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -91,7 +90,7 @@ def streamed_data(config: ml_collections.ConfigDict, workdir: str):
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Result:
   per_process = common.per_process_batch(config)
   if config.data.streaming:
-    tokenizer, train_iter, eval_batches = streamed_data(config, workdir)
+    tokenizer, train_iter, eval_batches = streamed_data(config, workdir, per_process)
   else:
     data = prepare_data(config, workdir)
     tokenizer = data.tokenizer

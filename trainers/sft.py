@@ -50,12 +50,11 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer) -> SFTData:
 def streamed_data(config: ml_collections.ConfigDict, tokenizer, per_process: int):
   """data.streaming: the training iterator over conversations read as it reaches them, and the
   held-out rows (the held-out conversations are read, the training ones are not)."""
-  parts = sft_sources.streamed_train_parts(config.data, config.seed)
+  parts, held_out = sft_sources.streamed_examples(config.data, config.seed)
   train_iter = streaming.make_sft_iterator(
       parts, tokenizer, seq_len=config.data.seq_len,
       batch_size=per_process, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=config.data.worker_count)
-  held_out = sft_sources.held_out_examples(config.data, config.seed)
   print(f'SFT data {config.data.source!r}: {sum(len(e) for e, _, _ in parts):,} examples, '
         f'streamed; {len(held_out)} held out.')
   if not held_out:
